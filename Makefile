@@ -1,0 +1,57 @@
+# falcon-svc: `make run` starts the service, `make test` proves it.
+# Both install what they need (system packages via apt, Python packages in .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODEL_DIR ?= models/sentiment
+BIND ?= 127.0.0.1:8000
+STAMP := $(VENV)/.installed
+
+.PHONY: help run test lint model bench clean system-deps
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+system-deps:  ## Install the Debian/Ubuntu packages (apt, as root or via sudo)
+	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
+	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+venv: $(STAMP)  ## Create .venv with the pinned packages
+
+$(MODEL_DIR)/metadata.json: | $(STAMP)
+	$(PY) scripts/train_model.py --output-dir $(MODEL_DIR)
+
+model: $(MODEL_DIR)/metadata.json  ## Train the model if it is not there yet
+
+run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
+	@echo
+	@echo "falcon-svc on http://$(BIND) -- try:"
+	@echo "  curl -s http://$(BIND)/infer -H 'Content-Type: application/json' -d '{\"text\": \"The delivery was quick and the staff were lovely.\"}'"
+	@echo
+	@set -a; [ -f .env ] && . ./.env; set +a; \
+	  BIND=$${BIND:-$(BIND)} MODEL_DIR=$${MODEL_DIR:-$(MODEL_DIR)} exec $(VENV)/bin/falcon-svc serve
+
+test: $(STAMP) model  ## Run lint and the whole test suite
+	$(VENV)/bin/ruff check .
+	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba, HTTP with wrk
+	$(PY) scripts/bench_model.py --model-dir $(MODEL_DIR)
+	bash scripts/bench_http.sh
+
+clean:  ## Remove the venv, the model and caches
+	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis *.egg-info

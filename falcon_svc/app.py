@@ -1,0 +1,135 @@
+"""Build the Falcon app: ``create_app`` wires what it is given; ``get_app`` reads the env.
+
+gunicorn runs ``falcon_svc.app:get_app()`` in each worker, so every worker loads
+its own model after the fork (no preload: thread pools and sockets of later
+layers must never cross a fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import falcon
+
+from falcon_svc import errors, metrics
+from falcon_svc.inference import Classifier
+from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
+from falcon_svc.logs import configure_logging
+from falcon_svc.middleware import RequestContext
+from falcon_svc.model import Model, ModelLoadError, load_model
+from falcon_svc.resources.health import LivenessResource, Readiness, ReadinessResource
+from falcon_svc.resources.infer import BatchInferResource, InferResource
+from falcon_svc.resources.metrics import MetricsResource
+from falcon_svc.resources.models import ModelsResource
+from falcon_svc.resources.openapi import OpenAPIResource
+from falcon_svc.resources.v2 import (
+    V2InferResource,
+    V2LiveResource,
+    V2ModelResource,
+    V2ReadyResource,
+    V2ServerResource,
+)
+from falcon_svc.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+# Distinct exit codes (sysexits.h) so systemd's RestartPreventExitStatus= can stop
+# a restart loop that no restart would fix.
+EXIT_CONFIG = 78  # EX_CONFIG: a setting is invalid
+EXIT_NO_MODEL = 66  # EX_NOINPUT: the model artifact is missing, corrupt or refused
+
+
+def create_app(
+    settings: Settings,
+    model: Model,
+    *,
+    lifecycle: Lifecycle | None = None,
+    worker_id: str | None = None,
+) -> falcon.App:
+    """Return the WSGI app serving ``model`` under ``settings``."""
+    lifecycle = lifecycle or Lifecycle()
+    worker_id = worker_id or f"{settings.instance_name}:{os.getpid()}"
+    classifier = Classifier(model)
+    readiness = Readiness(model, lifecycle)
+
+    app = falcon.App(middleware=[RequestContext(worker_id, settings.access_log)])
+    app.req_options.strip_url_path_trailing_slash = True
+    app.set_error_serializer(errors.serialize_error)
+    app.add_error_handler(Exception, errors.handle_unexpected)
+    app.add_sink(errors.not_found_sink, "/")
+
+    app.add_route("/infer", InferResource(classifier, settings, worker_id))
+    app.add_route("/infer/batch", BatchInferResource(classifier, settings, worker_id))
+    app.add_route("/healthz", LivenessResource())
+    app.add_route("/readyz", ReadinessResource(readiness))
+    app.add_route("/v1/models", ModelsResource(model))
+    app.add_route("/metrics", MetricsResource())
+    app.add_route("/openapi.json", OpenAPIResource())
+
+    v2_ready = V2ReadyResource(readiness, model.name)
+    app.add_route("/v2", V2ServerResource())
+    app.add_route("/v2/health/live", V2LiveResource())
+    app.add_route("/v2/health/ready", v2_ready)
+    app.add_route("/v2/models/{name}", V2ModelResource(classifier))
+    app.add_route("/v2/models/{name}/ready", v2_ready)
+    app.add_route("/v2/models/{name}/infer", V2InferResource(classifier, settings))
+
+    metrics.MODEL_INFO.labels(model.name, model.version, model.kind, model.scorer).set(1)
+    metrics.WORKER_START_TIME.set(time.time())
+    metrics.DRAINING.set(0)
+    return app
+
+
+def load_settings_or_exit() -> Settings:
+    """Return settings from the environment, or log one line and exit ``EXIT_CONFIG``."""
+    try:
+        return Settings.from_env()
+    except SettingsError as ex:
+        logger.critical("invalid configuration: %s", ex, extra={"exit_code": EXIT_CONFIG})
+        sys.exit(EXIT_CONFIG)
+
+
+def load_model_or_exit(settings: Settings) -> Model:
+    """Return the configured model, or log one line and exit ``EXIT_NO_MODEL``."""
+    try:
+        model = load_model(settings.model_dir, fast_path=settings.fast_path)
+    except ModelLoadError as ex:
+        logger.critical(
+            "cannot load the model from %s: %s (train it with: make model)",
+            settings.model_dir,
+            ex,
+            extra={"exit_code": EXIT_NO_MODEL},
+        )
+        sys.exit(EXIT_NO_MODEL)
+    if model.kind == "dummy":
+        if not settings.allow_dummy_model:
+            logger.critical(
+                "the model in %s is the dummy model and ALLOW_DUMMY_MODEL=false",
+                settings.model_dir,
+                extra={"exit_code": EXIT_NO_MODEL},
+            )
+            sys.exit(EXIT_NO_MODEL)
+        logger.warning(
+            "DEGRADED: serving the DUMMY model from %s; its predictions are not meaningful "
+            "(install the training data and run: make model)",
+            settings.model_dir,
+        )
+    if settings.fast_path and model.scorer != "compiled":
+        logger.warning("fast path failed verification; serving with scikit-learn predict_proba")
+    return model
+
+
+def get_app() -> falcon.App:
+    """Build the app from the environment: the zero-argument factory gunicorn runs."""
+    configure_logging(os.environ.get("LOG_LEVEL", "info"))
+    settings = load_settings_or_exit()
+    configure_logging(settings.log_level)
+    model = load_model_or_exit(settings)
+    logger.info(
+        "worker ready",
+        extra={"model_version": model.version, "model_kind": model.kind, "scorer": model.scorer},
+    )
+    return create_app(settings, model, lifecycle=LIFECYCLE)

@@ -1,0 +1,68 @@
+"""The ``falcon-svc`` command: serve, check, train.
+
+``serve`` replaces itself with gunicorn (``os.execv``), so under systemd the
+gunicorn master is the unit's main process, as ``Type=notify`` and
+``NotifyAccess=main`` require.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from falcon_svc.logs import configure_logging
+
+GUNICORN_CONFIG = "python:falcon_svc.gunicorn_conf"
+WSGI_APP = "falcon_svc.app:get_app()"
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Exec gunicorn with our config; extra arguments pass through to gunicorn."""
+    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, *args.gunicorn_args, WSGI_APP]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def check(args: argparse.Namespace) -> int:
+    """Validate settings and the model as the service would, then print a summary."""
+    from falcon_svc.app import load_model_or_exit, load_settings_or_exit
+    from falcon_svc.settings import describe
+
+    settings = load_settings_or_exit()
+    model = load_model_or_exit(settings)
+    summary = {
+        "settings": describe(settings),
+        "model": {"name": model.name, "version": model.version, "kind": model.kind, "scorer": model.scorer},
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train the model (or the dummy when the data package is missing)."""
+    from falcon_svc.model.training import main as train_main
+
+    return train_main(args.train_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``falcon-svc`` command line."""
+    parser = argparse.ArgumentParser(prog="falcon-svc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run gunicorn with falcon_svc.gunicorn_conf")
+    serve_parser.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help="extra gunicorn arguments")
+    serve_parser.set_defaults(handler=serve)
+    check_parser = commands.add_parser("check", help="validate settings and the model, print a summary")
+    check_parser.set_defaults(handler=check)
+    train_parser = commands.add_parser("train", help="train the model (see scripts/train_model.py --help)")
+    train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
+    train_parser.set_defaults(handler=train)
+    args = parser.parse_args(argv)
+    configure_logging(os.environ.get("LOG_LEVEL", "info"))
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""gunicorn configuration for falcon-svc: ``gunicorn -c python:falcon_svc.gunicorn_conf``.
+
+Every value comes from the environment through ``Settings`` (see ``.env.example``),
+so the systemd unit's ``EnvironmentFile`` is the one place an operator changes.
+Settings are validated once more in ``on_starting``, where a bad value can stop
+the master with a distinct exit code before any worker forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from falcon_svc.settings import Settings, SettingsError
+
+# --- Prometheus multiprocess directory --------------------------------------
+# NOTE: must be in the environment before any process imports prometheus_client,
+# and workers inherit it from the master. Under systemd it lives in the unit's
+# RuntimeDirectory (tmpfs, private to the instance); by hand, in a temp dir
+# named after the bind address so two local services never share one.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _runtime = os.environ.get("RUNTIME_DIRECTORY")
+    _bind_tag = os.environ.get("BIND", "127.0.0.1:8000").replace("/", "_").replace(":", "_")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = (
+        os.path.join(_runtime.split(":")[0], "metrics")
+        if _runtime
+        else os.path.join(tempfile.gettempdir(), f"falcon-svc-metrics-{_bind_tag}")
+    )
+
+try:
+    _settings = Settings.from_env()
+except SettingsError:
+    # Let on_starting report it with its exit code; gunicorn would otherwise
+    # print a traceback and exit 1, which systemd would retry forever.
+    _settings = Settings()
+
+# --- Socket ----------------------------------------------------------------
+bind = [_settings.bind]
+backlog = 2048
+
+# --- Workers ---------------------------------------------------------------
+# The model is CPU-bound: one worker per core is the starting point; the
+# systemd template runs one gunicorn per port, each with WORKERS workers.
+workers = _settings.workers
+worker_class = _settings.gunicorn_worker_class
+threads = _settings.threads  # gthread only
+# NOTE: no preload: each worker loads the model after the fork, so nothing that
+# owns threads or sockets (pools, the log writer) ever crosses a fork.
+preload_app = False
+max_requests = _settings.max_requests
+max_requests_jitter = max(_settings.max_requests // 10, 0)
+
+# --- Timeouts --------------------------------------------------------------
+# timeout: a worker silent this long is killed and replaced (hung request).
+timeout = _settings.timeout_seconds
+# graceful_timeout: the drain budget after SIGTERM; systemd's TimeoutStopSec
+# must exceed it, or systemd SIGKILLs a worker still finishing requests.
+graceful_timeout = _settings.graceful_shutdown_timeout_seconds
+# keepalive: nginx holds upstream connections open; keep them longer than
+# nginx's keepalive_timeout to the upstream would be wrong, so keep them short.
+keepalive = _settings.keepalive_seconds
+
+# --- HTTP limits -------------------------------------------------------------
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# --- Logging ---------------------------------------------------------------
+# Our middleware writes one JSON line per request, so gunicorn's access log is
+# off; gunicorn's own messages go to stdout as JSON too, for journald.
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "falcon_svc.logs.JSONFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "root": {"level": _settings.log_level.upper(), "handlers": ["stdout"]},
+    "loggers": {
+        "gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stdout"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["stdout"], "propagate": False},
+    },
+}
+proc_name = f"falcon-svc[{_settings.bind}]"
+
+
+# --- Hooks -----------------------------------------------------------------
+def on_starting(server) -> None:
+    """Check settings and the model in the master, before any worker forks.
+
+    NOTE: gunicorn sends READY=1 to systemd (when NOTIFY_SOCKET is set) right
+    after this, before workers boot; readiness for traffic is /readyz.
+    """
+    # NOTE: empty the metrics directory before importing the app, whose metric
+    # objects open their files there on import.
+    _reset_multiproc_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    from falcon_svc.app import load_model_or_exit, load_settings_or_exit
+
+    settings = load_settings_or_exit()
+    model = load_model_or_exit(settings)
+    logging.getLogger("falcon_svc.app").info(
+        "starting", extra={"model_version": model.version, "model_kind": model.kind, "bind": settings.bind}
+    )
+
+
+def _reset_multiproc_dir(path: Path) -> None:
+    """Start with an empty metrics directory: stale files would resurrect dead workers' series."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def post_worker_init(worker) -> None:
+    """Hook SIGTERM so /readyz turns 503 the moment the drain starts."""
+    from falcon_svc.lifecycle import LIFECYCLE
+
+    LIFECYCLE.install_sigterm_hook()
+
+
+def child_exit(server, worker) -> None:
+    """Drop the dead worker's live gauges so its series do not linger."""
+    from falcon_svc.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)
+
+
+def worker_abort(worker) -> None:
+    """Log the timeout kill (SIGABRT) with the worker's pid, once."""
+    worker.log.error("worker %s timed out and is being replaced", worker.pid)

@@ -1,0 +1,52 @@
+"""Track whether this worker is draining, and hook that to SIGTERM.
+
+Readiness must turn 503 the moment a worker is asked to stop, so a load balancer
+stops sending it new work while its in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+from falcon_svc import metrics
+
+logger = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """The drain flag of one worker process."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        """Mark the worker as draining (idempotent); readiness turns 503."""
+        if not self.draining:
+            self.draining = True
+            metrics.DRAINING.set(1)
+
+    def install_sigterm_hook(self) -> None:
+        """Chain a drain mark in front of the SIGTERM handler already installed.
+
+        NOTE: the handler only records the signal; the worker's own handler
+        (gunicorn's or our meinheld worker's) still does the graceful stop.
+        """
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> Any:
+            self.begin_drain()
+            if callable(previous):
+                return previous(signum, frame)
+            if previous == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGTERM)
+            return None
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+# One per process: gunicorn's post_worker_init hook and get_app() share it.
+LIFECYCLE = Lifecycle()

@@ -1,0 +1,52 @@
+"""Log as one JSON object per line on stdout, which journald keeps as is.
+
+``journalctl -u falcon-worker@8001 -o cat | jq`` then works without parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+ACCESS_LOGGER = "falcon_svc.access"
+
+# Attributes every LogRecord has; anything else was passed through ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """Format a record as a JSON line with ``extra=`` fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _iso_time(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+def configure_logging(level: str = "info") -> None:
+    """Send every logger to stdout as JSON lines, replacing earlier handlers.
+
+    Idempotent, so gunicorn hooks and ``get_app`` can both call it.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,1 @@
+"""HTTP resources: thin adapters between Falcon and the service calls."""

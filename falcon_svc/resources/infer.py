@@ -1,0 +1,52 @@
+"""``POST /infer`` and ``POST /infer/batch``: the service's own JSON contract."""
+
+from __future__ import annotations
+
+import falcon
+
+from falcon_svc.inference import Classifier
+from falcon_svc.middleware import elapsed_ms
+from falcon_svc.settings import Settings
+from falcon_svc.validation import read_json, require_object, require_text, require_texts
+
+
+class InferResource:
+    """Classify one text."""
+
+    def __init__(self, classifier: Classifier, settings: Settings, worker_id: str) -> None:
+        self._classifier = classifier
+        self._settings = settings
+        self._worker_id = worker_id
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = require_object(read_json(req, self._settings.max_body_bytes))
+        text = require_text(body.get("text"), "text", self._settings.max_text_chars)
+        (result,) = self._classifier.classify([text])
+        reply = result.to_body(self._classifier.model.version)
+        reply["worker_id"] = self._worker_id
+        reply["request_id"] = req.context.request_id
+        reply["processing_time_ms"] = elapsed_ms(req)
+        resp.media = reply
+
+
+class BatchInferResource:
+    """Classify 1 to ``MAX_BATCH_SIZE`` texts in one vectorised call."""
+
+    def __init__(self, classifier: Classifier, settings: Settings, worker_id: str) -> None:
+        self._classifier = classifier
+        self._settings = settings
+        self._worker_id = worker_id
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = require_object(read_json(req, self._settings.max_body_bytes))
+        texts = require_texts(body.get("texts"), "texts", self._settings.max_batch_size, self._settings.max_text_chars)
+        version = self._classifier.model.version
+        results = self._classifier.classify(texts)
+        resp.media = {
+            "results": [result.to_body(version) for result in results],
+            "count": len(results),
+            "model_version": version,
+            "worker_id": self._worker_id,
+            "request_id": req.context.request_id,
+            "processing_time_ms": elapsed_ms(req),
+        }

@@ -1,0 +1,161 @@
+"""Read the environment into typed, validated settings.
+
+Every key is listed and explained in ``.env.example``. A bad value stops start-up
+with one clear message (``SettingsError``) naming the key, the value and what is
+allowed, so an operator reading ``journalctl`` knows what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+WORKER_CLASSES = {
+    "sync": "sync",
+    "gthread": "gthread",
+    "meinheld": "falcon_svc.workers.MeinheldWorker",
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Typed configuration of one falcon-svc process (see ``.env.example``)."""
+
+    # Serving (read by gunicorn_conf)
+    bind: str = "127.0.0.1:8000"
+    workers: int = 2
+    worker_class: str = "meinheld"
+    threads: int = 4
+    timeout_seconds: int = 30
+    graceful_shutdown_timeout_seconds: int = 20
+    keepalive_seconds: int = 5
+    max_requests: int = 0
+    # Model
+    model_dir: Path = Path("models/sentiment")
+    fast_path: bool = True
+    allow_dummy_model: bool = True
+    # HTTP contract limits
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_text_chars: int = 5000
+    max_batch_size: int = 50
+    # Identity and logs
+    instance_name: str = dataclasses.field(default_factory=socket.gethostname)
+    log_level: str = "info"
+    access_log: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default: ``os.environ``).
+
+        Raises:
+            SettingsError: one message naming the first bad key.
+        """
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        reader = _Reader(env)
+        settings = cls(
+            bind=reader.text("BIND", defaults.bind),
+            workers=reader.integer("WORKERS", defaults.workers, minimum=1, maximum=64),
+            worker_class=reader.choice("WORKER_CLASS", defaults.worker_class, tuple(WORKER_CLASSES)),
+            threads=reader.integer("THREADS", defaults.threads, minimum=1, maximum=256),
+            timeout_seconds=reader.integer("TIMEOUT_SECONDS", defaults.timeout_seconds, minimum=1, maximum=3600),
+            graceful_shutdown_timeout_seconds=reader.integer(
+                "GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS",
+                defaults.graceful_shutdown_timeout_seconds,
+                minimum=1,
+                maximum=3600,
+            ),
+            keepalive_seconds=reader.integer("KEEPALIVE_SECONDS", defaults.keepalive_seconds, minimum=0, maximum=300),
+            max_requests=reader.integer("MAX_REQUESTS", defaults.max_requests, minimum=0, maximum=10**9),
+            model_dir=Path(reader.text("MODEL_DIR", str(defaults.model_dir))),
+            fast_path=reader.boolean("FAST_PATH", defaults.fast_path),
+            allow_dummy_model=reader.boolean("ALLOW_DUMMY_MODEL", defaults.allow_dummy_model),
+            max_body_bytes=reader.integer("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 2**20),
+            max_text_chars=reader.integer("MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1, maximum=100_000),
+            max_batch_size=reader.integer("MAX_BATCH_SIZE", defaults.max_batch_size, minimum=1, maximum=1000),
+            instance_name=reader.text("INSTANCE_NAME", defaults.instance_name),
+            log_level=reader.choice("LOG_LEVEL", defaults.log_level, LOG_LEVELS),
+            access_log=reader.boolean("ACCESS_LOG", defaults.access_log),
+        )
+        _check_bind(settings.bind)
+        return settings
+
+    @property
+    def gunicorn_worker_class(self) -> str:
+        """Return the dotted worker class gunicorn should load."""
+        return WORKER_CLASSES[self.worker_class]
+
+
+class _Reader:
+    """Parse one key at a time, naming the key in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _get(self, key: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(key)
+        if raw is None or raw.strip() == "":
+            return default
+        return parse(raw.strip())
+
+    def text(self, key: str, default: str) -> str:
+        return self._get(key, default, str)
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        def parse(raw: str) -> int:
+            try:
+                value = int(raw)
+            except ValueError as ex:
+                raise SettingsError(f"{key}={raw!r} is not an integer") from ex
+            if not minimum <= value <= maximum:
+                raise SettingsError(f"{key}={value} is out of range [{minimum}, {maximum}]")
+            return value
+
+        return self._get(key, default, parse)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            lowered = raw.lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise SettingsError(f"{key}={raw!r} is not a boolean (use true or false)")
+
+        return self._get(key, default, parse)
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        def parse(raw: str) -> str:
+            if raw.lower() not in allowed:
+                raise SettingsError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
+            return raw.lower()
+
+        return self._get(key, default, parse)
+
+
+def _check_bind(bind: str) -> None:
+    """Accept ``host:port`` or ``unix:/path``, the two forms gunicorn and nginx share."""
+    if bind.startswith("unix:"):
+        return
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"BIND={bind!r} must be HOST:PORT or unix:PATH")
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Return the settings as a JSON-friendly dict for the start-up log line."""
+    return {field.name: str(getattr(settings, field.name)) for field in dataclasses.fields(settings)}

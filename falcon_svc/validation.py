@@ -1,0 +1,113 @@
+"""Parse request bodies and check them against the HTTP contract.
+
+Each failure becomes an ``APIError`` with the right 4xx and the offending field,
+so bad input never reaches the model and never becomes a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+from falcon_svc.errors import APIError, invalid_input
+from falcon_svc.text import normalize
+
+JSON_MEDIA_TYPES = ("application/json",)
+
+
+def read_json(req: falcon.Request, max_bytes: int) -> Any:
+    """Return the decoded JSON body of ``req``.
+
+    Raises:
+        APIError: 415 for a non-JSON content type, 413 for a body over
+            ``max_bytes``, 400 for a body that is not UTF-8 JSON.
+    """
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type not in JSON_MEDIA_TYPES:
+        raise APIError(
+            falcon.HTTP_415,
+            "unsupported_media_type",
+            f"Send the body as application/json (got {req.content_type or 'no Content-Type'}).",
+        )
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise _too_large(max_bytes)
+    # NOTE: read one byte past the limit, so a chunked body that lies about
+    # (or omits) its length is still caught without reading it all.
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise _too_large(max_bytes)
+    if not raw:
+        raise APIError(falcon.HTTP_400, "invalid_json", "The request body is empty; send a JSON object.")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as ex:
+        raise APIError(falcon.HTTP_400, "invalid_json", f"The body is not valid UTF-8 JSON: {ex}.") from ex
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(falcon.HTTP_413, "payload_too_large", f"The request body exceeds the limit of {max_bytes} bytes.")
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    """Return ``body`` if it is a JSON object, else raise a 422."""
+    if not isinstance(body, dict):
+        raise invalid_input(f"The body must be a JSON object, not {_json_type(body)}.", None)
+    return body
+
+
+def require_text(value: Any, field: str, max_chars: int) -> str:
+    """Return ``value`` normalised, if it is a usable text; else raise a 422 naming ``field``."""
+    if value is None:
+        raise invalid_input(f"'{field}' is required.", field)
+    if not isinstance(value, str):
+        raise invalid_input(f"'{field}' must be a string, not {_json_type(value)}.", field)
+    text = normalize(value)
+    if not _is_encodable(text):
+        raise invalid_input(f"'{field}' holds a lone surrogate (\\ud800-\\udfff), which is not valid Unicode.", field)
+    if not text:
+        raise invalid_input(f"'{field}' is empty or only whitespace.", field)
+    if len(text) > max_chars:
+        raise invalid_input(
+            f"'{field}' is {len(text)} characters after normalisation; the limit is {max_chars}.", field
+        )
+    return text
+
+
+def require_texts(value: Any, field: str, max_items: int, max_chars: int) -> list[str]:
+    """Return a non-empty list of at most ``max_items`` normalised texts, else raise a 422."""
+    if value is None:
+        raise invalid_input(f"'{field}' is required.", field)
+    if not isinstance(value, list):
+        raise invalid_input(f"'{field}' must be an array of strings, not {_json_type(value)}.", field)
+    if not value:
+        raise invalid_input(f"'{field}' is empty; send 1 to {max_items} texts.", field)
+    if len(value) > max_items:
+        raise invalid_input(f"'{field}' has {len(value)} texts; the limit is {max_items}.", field)
+    return [require_text(item, f"{field}[{index}]", max_chars) for index, item in enumerate(value)]
+
+
+def _is_encodable(text: str) -> bool:
+    """Tell whether ``text`` has no lone surrogates, which JSON allows but UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_type(value: Any) -> str:
+    """Name a decoded JSON value's type as JSON calls it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

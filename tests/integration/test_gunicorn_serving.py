@@ -1,0 +1,166 @@
+"""The service as gunicorn runs it: real processes on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
+
+pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0):
+    """Return (status, headers, decoded JSON or text) for one request."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as ex:
+        status, headers, raw = ex.code, ex.headers, ex.read()
+    text = raw.decode()
+    return status, headers, json.loads(text) if headers.get("Content-Type", "").startswith("application/json") else text
+
+
+def service_env(model_dir: Path, port: int, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(
+        BIND=f"127.0.0.1:{port}",
+        MODEL_DIR=str(model_dir),
+        WORKERS="2",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        INSTANCE_NAME="itest",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def running_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start `falcon-svc serve`, wait for /readyz, and always stop it."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "falcon_svc.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+        try:
+            port = int(env["BIND"].rsplit(":", 1)[1])
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, f"service exited {process.returncode}: {log_path.read_text()[-3000:]}"
+                try:
+                    if call(port, "GET", "/readyz", timeout=2)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, f"service not ready in 60 s: {log_path.read_text()[-3000:]}"
+                time.sleep(0.2)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "meinheld"])
+def test_serves_with_each_worker_class(dummy_model_dir, tmp_path, worker_class):
+    port = free_port()
+    env = service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS=worker_class)
+    with running_service(env, tmp_path / "service.log") as process:
+        status, _, body = call(port, "POST", "/infer", {"text": "I really like this"})
+        assert status == 200, body
+        assert body["worker_id"].startswith("itest:")
+        status, _, body = call(port, "POST", "/infer/batch", {"texts": ["a good day", "a bad day"]})
+        assert status == 200 and body["count"] == 2, body
+        status, _, body = call(port, "POST", "/infer", {"text": "   "})
+        assert status == 422 and body["error"]["field"] == "text", body
+        status, _, body = call(port, "GET", "/nope")
+        assert status == 404 and body["error"]["code"] == "not_found", body
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, "a SIGTERM stop must exit 0"
+
+
+def test_metrics_add_up_across_workers(dummy_model_dir, tmp_path):
+    """Multiprocess mode: /metrics counts every worker's requests, whichever worker answers."""
+    port = free_port()
+    env = service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS="sync")
+    requests = 40
+    with running_service(env, tmp_path / "service.log"):
+        workers = {call(port, "POST", "/infer", {"text": f"text {i}"})[2]["worker_id"] for i in range(requests)}
+        _, _, metrics = call(port, "GET", "/metrics")
+    line = 'falcon_http_requests_total{method="POST",route="/infer",status="200"}'
+    counted = [row for row in metrics.splitlines() if row.startswith(line)]
+    assert counted and float(counted[0].split()[-1]) == requests, f"{counted} (answered by {workers})"
+    assert "falcon_model_info{" in metrics
+
+
+def test_access_log_is_one_json_line_per_request(dummy_model_dir, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "service.log"
+    env = service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS="sync")
+    with running_service(env, log_path):
+        _, headers, _ = call(port, "POST", "/infer", {"text": "log me"})
+        request_id = headers["X-Request-ID"]
+        time.sleep(0.5)
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    mine = [entry for entry in entries if entry.get("request_id") == request_id]
+    assert len(mine) == 1, f"expected one access line for {request_id}, got {mine}"
+    assert {"route", "status", "latency_ms", "worker"} <= set(mine[0])
+    assert mine[0]["route"] == "/infer" and mine[0]["status"] == 200
+
+
+def test_invalid_setting_exits_with_config_code(dummy_model_dir, tmp_path):
+    env = service_env(dummy_model_dir, free_port(), tmp_path, WORKERS="lots")
+    result = subprocess.run(
+        [sys.executable, "-m", "falcon_svc.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert "WORKERS='lots' is not an integer" in result.stdout + result.stderr
+
+
+def test_missing_model_exits_with_no_model_code(tmp_path):
+    env = service_env(tmp_path / "no-model", free_port(), tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "falcon_svc.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == EXIT_NO_MODEL, result.stdout + result.stderr
+    assert "cannot load the model" in result.stdout + result.stderr
