@@ -42,7 +42,7 @@ def check(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train the model (or the dummy when the data package is missing)."""
-    from falcon_svc.model.training import main as train_main
+    from falcon_svc.model.train_cli import main as train_main
 
     return train_main(args.train_args)
 
@@ -56,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.set_defaults(handler=serve)
     check_parser = commands.add_parser("check", help="validate settings and the model, print a summary")
     check_parser.set_defaults(handler=check)
-    train_parser = commands.add_parser("train", help="train the model (see scripts/train_model.py --help)")
+    train_parser = commands.add_parser("train", help="train the model (falcon-svc train --help)", add_help=False)
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(handler=train)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # serve and train pass options they do not know on to gunicorn and training.
+    if args.command == "train":
+        args.train_args = [*unknown, *args.train_args]
+    elif args.command == "serve":
+        args.gunicorn_args = [*unknown, *args.gunicorn_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(os.environ.get("LOG_LEVEL", "info"))
     return args.handler(args)
 

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 ACCESS_LOGGER = "falcon_svc.access"
 
@@ -40,11 +40,35 @@ def _iso_time(created: float) -> str:
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
+class AccessLog:
+    """Write the one-per-request JSON line, bypassing ``logging``'s record machinery.
+
+    NOTE: a LogRecord plus a Formatter cost ~50 us per request; building the
+    line directly costs a few. The line has the same shape as JSONFormatter's
+    and goes to the same stream, and the access logger's level still rules.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self.enabled = logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Write one request's line (no-op when the access logger is above INFO)."""
+        if not self.enabled:
+            return
+        entry = {"ts": _iso_time(time.time()), "level": "info", "logger": ACCESS_LOGGER, "msg": "request", **fields}
+        (self._stream or sys.stdout).write(json.dumps(entry, default=str, ensure_ascii=False) + "\n")
+
+
 def configure_logging(level: str = "info") -> None:
     """Send every logger to stdout as JSON lines, replacing earlier handlers.
 
     Idempotent, so gunicorn hooks and ``get_app`` can both call it.
     """
+    # NOTE: line-buffered, so journald gets each line at once and a SIGKILL
+    # loses none; Python block-buffers stdout when it is not a terminal.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()

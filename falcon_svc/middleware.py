@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -10,15 +9,15 @@ import time
 import falcon
 
 from falcon_svc import metrics
-from falcon_svc.logs import ACCESS_LOGGER
+from falcon_svc.logs import AccessLog
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is honoured only if it is short and plain, so it is safe in logs,
 # headers and the database (no spaces, quotes or control characters).
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 UNMATCHED_ROUTE = "unmatched"
-
-access_logger = logging.getLogger(ACCESS_LOGGER)
+# Clients may send any method name; only these become metric labels.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def new_request_id() -> str:
@@ -43,7 +42,10 @@ class RequestContext:
 
     def __init__(self, worker_id: str, access_log: bool = True) -> None:
         self._worker_id = worker_id
-        self._access_log = access_log
+        self._access_log = AccessLog() if access_log else None
+        # (route, method, status) -> labelled metric children: .labels() costs
+        # microseconds per call, and the key space is bounded (routes, methods).
+        self._children: dict[tuple[str, str, int], tuple] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
@@ -57,20 +59,24 @@ class RequestContext:
         resp.set_header(REQUEST_ID_HEADER, request_id)
         seconds = time.perf_counter() - req.context.started
         route = req.uri_template or UNMATCHED_ROUTE
-        status = str(resp.status_code)
+        status = resp.status_code
+        method = req.method if req.method in KNOWN_METHODS else "other"
+        children = self._children.get((route, method, status))
+        if children is None:
+            children = (metrics.REQUESTS.labels(route, method, str(status)), metrics.REQUEST_LATENCY.labels(route))
+            self._children[(route, method, status)] = children
         metrics.IN_FLIGHT.dec()
-        metrics.REQUESTS.labels(route, req.method, status).inc()
-        metrics.REQUEST_LATENCY.labels(route).observe(seconds)
-        if self._access_log:
-            access_logger.info(
-                "request",
-                extra={
+        children[0].inc()
+        children[1].observe(seconds)
+        if self._access_log is not None:
+            self._access_log.write(
+                {
                     "request_id": request_id,
-                    "method": req.method,
+                    "method": method,
                     "route": route,
                     "path": req.path,
-                    "status": resp.status_code,
+                    "status": status,
                     "latency_ms": round(seconds * 1000.0, 3),
                     "worker": self._worker_id,
-                },
+                }
             )

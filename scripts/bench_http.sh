@@ -27,7 +27,7 @@ run_one() {  # run_one LABEL WORKER_CLASS FAST_PATH
   local label=$1 class=$2 fast=$3 port
   port=$(free_port)
   BIND=127.0.0.1:$port WORKERS=2 WORKER_CLASS=$class FAST_PATH=$fast MODEL_DIR=$model_dir \
-    ACCESS_LOG=false LOG_LEVEL=warning PROMETHEUS_MULTIPROC_DIR=$work/metrics-$port \
+    LOG_LEVEL=info PROMETHEUS_MULTIPROC_DIR=$work/metrics-$port \
     $python -m falcon_svc.cli serve >"$work/$label.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 150); do
