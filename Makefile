@@ -10,7 +10,7 @@ MODEL_DIR ?= models/sentiment
 BIND ?= 127.0.0.1:8000
 STAMP := $(VENV)/.installed
 
-.PHONY: help run test lint model bench clean system-deps
+.PHONY: help venv run test lint model bench clean system-deps
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,10 +29,8 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cf
 
 venv: $(STAMP)  ## Create .venv with the pinned packages
 
-$(MODEL_DIR)/metadata.json: | $(STAMP)
+model: $(STAMP)  ## Train the model unless a valid one of the current format is there
 	$(PY) scripts/train_model.py --output-dir $(MODEL_DIR)
-
-model: $(MODEL_DIR)/metadata.json  ## Train the model if it is not there yet
 
 run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
 	@echo
@@ -42,7 +40,11 @@ run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
 	@set -a; [ -f .env ] && . ./.env; set +a; \
 	  BIND=$${BIND:-$(BIND)} MODEL_DIR=$${MODEL_DIR:-$(MODEL_DIR)} exec $(VENV)/bin/falcon-svc serve
 
+# Integration tests start real servers from these packages (on free ports).
+TEST_SYSTEM_PACKAGES := redis-server postgresql
+
 test: $(STAMP) model  ## Run lint and the whole test suite
+	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
 	$(VENV)/bin/ruff check .
 	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest
 

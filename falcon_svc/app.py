@@ -15,6 +15,8 @@ import time
 import falcon
 
 from falcon_svc import errors, metrics
+from falcon_svc.dependencies import Dependencies, build_redis_dependencies
+from falcon_svc.idempotency import IdempotencyMiddleware
 from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
 from falcon_svc.logs import configure_logging
@@ -46,16 +48,25 @@ def create_app(
     settings: Settings,
     model: Model,
     *,
+    dependencies: Dependencies | None = None,
     lifecycle: Lifecycle | None = None,
     worker_id: str | None = None,
 ) -> falcon.App:
-    """Return the WSGI app serving ``model`` under ``settings``."""
+    """Return the WSGI app serving ``model`` under ``settings``.
+
+    Without ``dependencies`` the app runs on the model alone (no cache, no
+    idempotency): what tests of the HTTP contract need.
+    """
+    deps = dependencies or Dependencies()
     lifecycle = lifecycle or Lifecycle()
     worker_id = worker_id or f"{settings.instance_name}:{os.getpid()}"
-    classifier = Classifier(model)
-    readiness = Readiness(model, lifecycle)
+    classifier = Classifier(model, deps.cache)
+    readiness = Readiness(model, lifecycle, deps)
 
-    app = falcon.App(middleware=[RequestContext(worker_id, settings.access_log)])
+    middleware: list[object] = [RequestContext(worker_id, settings.access_log)]
+    if deps.idempotency is not None:
+        middleware.append(IdempotencyMiddleware(deps.idempotency, settings.max_body_bytes))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(errors.serialize_error)
     app.add_error_handler(Exception, errors.handle_unexpected)
@@ -132,4 +143,6 @@ def get_app() -> falcon.App:
         "worker ready",
         extra={"model_version": model.version, "model_kind": model.kind, "scorer": model.scorer},
     )
-    return create_app(settings, model, lifecycle=LIFECYCLE)
+    deps = Dependencies()
+    build_redis_dependencies(settings, model.version, deps)
+    return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE)

@@ -1,18 +1,26 @@
 """Classify normalised texts: the one service call behind every inference route.
 
-Resources parse and shape; this module runs the model and records what it did.
-The next layer (cache) slots in here, so every route gets it at once.
+Resources parse and shape; this module consults the cache, runs the model on
+what the cache did not have, and records what it did. Every route (v1, batch,
+OIP v2) goes through ``Classifier.classify``, so all get the cache at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from falcon_svc import metrics
+from falcon_svc.cache import ResponseCache
 from falcon_svc.model import Model, Prediction
+
+
+def text_digest(text: str) -> str:
+    """Return the sha256 hex digest of a normalised text: the cache key's and the log's."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +29,7 @@ class Result:
 
     prediction: Prediction
     cache_hit: bool
+    digest: str
 
     def to_body(self, model_version: str) -> dict[str, Any]:
         """Shape this result as the JSON object the API returns per text."""
@@ -35,19 +44,40 @@ class Result:
 
 
 class Classifier:
-    """Run the model on normalised texts and record inference metrics."""
+    """Answer from the cache where it can, else run the model; record metrics."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, cache: ResponseCache | None = None) -> None:
         self.model = model
+        self._cache = cache
         self._latency = metrics.INFERENCE_LATENCY.labels(model.scorer)
         self._per_label = {label: metrics.PREDICTIONS.labels(label) for label in model.labels}
 
     def classify(self, texts: Sequence[str]) -> list[Result]:
-        """Return one result per text, in order, from one vectorised model call."""
+        """Return one result per text, in order; the misses go to the model in one call."""
+        digests = [text_digest(text) for text in texts]
+        cached: list[Prediction | None] = (
+            self._cache.get_many(digests) if self._cache is not None else [None] * len(texts)
+        )
+        missing = [index for index, prediction in enumerate(cached) if prediction is None]
+        fresh: list[Prediction] = []
+        if missing:
+            fresh = self._predict([texts[index] for index in missing])
+            if self._cache is not None:
+                self._cache.put_many([digests[index] for index in missing], fresh)
+        predictions = list(cached)
+        for index, prediction in zip(missing, fresh, strict=True):
+            predictions[index] = prediction
+        missed = set(missing)
+        return [
+            Result(prediction, index not in missed, digest)
+            for index, (prediction, digest) in enumerate(zip(predictions, digests, strict=True))
+        ]
+
+    def _predict(self, texts: list[str]) -> list[Prediction]:
         started = time.perf_counter()
         predictions = self.model.predict(texts)
         self._latency.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(texts))
         for prediction in predictions:
             self._per_label[prediction.label].inc()
-        return [Result(prediction, cache_hit=False) for prediction in predictions]
+        return predictions

@@ -83,6 +83,60 @@ DRAINING = Gauge(
     multiprocess_mode="livemax",
 )
 
+# --- Dependencies and resilience -------------------------------------------
+CACHE_HITS = Counter("falcon_cache_hits_total", "Texts answered from the cache (local tier or Redis).")
+CACHE_MISSES = Counter("falcon_cache_misses_total", "Texts not in the cache, so classified by the model.")
+CACHE_ERRORS = Counter(
+    "falcon_cache_errors_total",
+    "Cache operations that failed or were skipped, by reason (exception class, circuit_open, write_queue_full).",
+    ["reason"],
+)
+IDEMPOTENCY = Counter(
+    "falcon_idempotency_requests_total",
+    "Requests carrying X-Idempotency-Key, by outcome (first, replayed, conflict, mismatch, unavailable).",
+    ["outcome"],
+)
+CIRCUIT_STATE = Gauge(
+    "falcon_circuit_breaker_state",
+    "Circuit breaker state per dependency: 0 closed, 1 half-open, 2 open (worst across workers).",
+    ["dependency"],
+    multiprocess_mode="livemax",
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "falcon_circuit_breaker_transitions_total",
+    "Circuit breaker state changes, by dependency and new state.",
+    ["dependency", "to_state"],
+)
+RETRIES = Counter("falcon_dependency_retries_total", "Retried dependency calls, by dependency.", ["dependency"])
+DEPENDENCY_LATENCY = Histogram(
+    "falcon_dependency_call_duration_seconds",
+    "Time spent in one call to a dependency, by dependency and operation.",
+    ["dependency", "operation"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+DEPENDENCY_UP = Gauge(
+    "falcon_dependency_up",
+    "1 when the last call to the dependency succeeded, else 0 (worst across workers).",
+    ["dependency"],
+    multiprocess_mode="livemin",
+)
+LOG_QUEUE_DEPTH = Gauge(
+    "falcon_request_log_queue_depth", "Request-log rows waiting in memory.", multiprocess_mode="livesum"
+)
+LOG_SPOOL_BYTES = Gauge(
+    "falcon_request_log_spool_bytes", "Bytes of request-log rows spooled on disk.", multiprocess_mode="livemax"
+)
+LOG_ROWS = Counter(
+    "falcon_request_log_rows_total",
+    "Request-log rows by outcome: written, spooled, replayed, dropped.",
+    ["outcome"],
+)
+LOG_BATCH_LATENCY = Histogram(
+    "falcon_request_log_batch_duration_seconds",
+    "Time to write one batch of request-log rows to PostgreSQL.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
 
 def is_multiprocess() -> bool:
     """Tell whether metrics are shared through files by several worker processes."""

@@ -56,7 +56,8 @@ class RequestContext:
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         request_id = req.context.request_id
-        resp.set_header(REQUEST_ID_HEADER, request_id)
+        # An idempotent replay answers with the original request's id.
+        resp.set_header(REQUEST_ID_HEADER, req.context.get("response_request_id") or request_id)
         seconds = time.perf_counter() - req.context.started
         route = req.uri_template or UNMATCHED_ROUTE
         status = resp.status_code

@@ -52,6 +52,28 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024
     max_text_chars: int = 5000
     max_batch_size: int = 50
+    # Redis: response cache and idempotency
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_ms: int = 50
+    cache_enabled: bool = True
+    cache_ttl_seconds: int = 3600
+    cache_local_items: int = 10_000
+    idempotency_ttl_seconds: int = 86_400
+    idempotency_lock_seconds: int = 30
+    # PostgreSQL: the request log
+    database_url: str = "postgresql://falcon@127.0.0.1:5432/falcon"
+    log_buffer_max: int = 1000
+    log_batch_size: int = 200
+    log_flush_interval_ms: int = 200
+    log_spool_dir: Path = Path("var/spool")
+    log_spool_max_bytes: int = 256 * 2**20
+    log_request_text: bool = False
+    # Resilience
+    circuit_breaker_failure_threshold: int = 5
+    circuit_breaker_timeout_seconds: int = 60
+    retry_max_attempts: int = 3
+    retry_base_delay_ms: int = 100
+    retry_max_delay_ms: int = 5000
     # Identity and logs
     instance_name: str = dataclasses.field(default_factory=socket.gethostname)
     log_level: str = "info"
@@ -87,6 +109,43 @@ class Settings:
             max_body_bytes=reader.integer("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 2**20),
             max_text_chars=reader.integer("MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1, maximum=100_000),
             max_batch_size=reader.integer("MAX_BATCH_SIZE", defaults.max_batch_size, minimum=1, maximum=1000),
+            redis_url=reader.text("REDIS_URL", defaults.redis_url),
+            redis_timeout_ms=reader.integer("REDIS_TIMEOUT_MS", defaults.redis_timeout_ms, minimum=1, maximum=10_000),
+            cache_enabled=reader.boolean("CACHE_ENABLED", defaults.cache_enabled),
+            cache_ttl_seconds=reader.integer(
+                "CACHE_TTL_SECONDS", defaults.cache_ttl_seconds, minimum=1, maximum=30 * 86400
+            ),
+            cache_local_items=reader.integer("CACHE_LOCAL_ITEMS", defaults.cache_local_items, minimum=0, maximum=10**7),
+            idempotency_ttl_seconds=reader.integer(
+                "IDEMPOTENCY_TTL_SECONDS", defaults.idempotency_ttl_seconds, minimum=1, maximum=30 * 86400
+            ),
+            idempotency_lock_seconds=reader.integer(
+                "IDEMPOTENCY_LOCK_SECONDS", defaults.idempotency_lock_seconds, minimum=1, maximum=3600
+            ),
+            database_url=reader.text("DATABASE_URL", defaults.database_url),
+            log_buffer_max=reader.integer("LOG_BUFFER_MAX", defaults.log_buffer_max, minimum=1, maximum=10**7),
+            log_batch_size=reader.integer("LOG_BATCH_SIZE", defaults.log_batch_size, minimum=1, maximum=100_000),
+            log_flush_interval_ms=reader.integer(
+                "LOG_FLUSH_INTERVAL_MS", defaults.log_flush_interval_ms, minimum=1, maximum=60_000
+            ),
+            log_spool_dir=Path(reader.text("LOG_SPOOL_DIR", str(defaults.log_spool_dir))),
+            log_spool_max_bytes=reader.integer(
+                "LOG_SPOOL_MAX_BYTES", defaults.log_spool_max_bytes, minimum=0, maximum=2**40
+            ),
+            log_request_text=reader.boolean("LOG_REQUEST_TEXT", defaults.log_request_text),
+            circuit_breaker_failure_threshold=reader.integer(
+                "CIRCUIT_BREAKER_FAILURE_THRESHOLD", defaults.circuit_breaker_failure_threshold, minimum=1, maximum=1000
+            ),
+            circuit_breaker_timeout_seconds=reader.integer(
+                "CIRCUIT_BREAKER_TIMEOUT_SECONDS", defaults.circuit_breaker_timeout_seconds, minimum=1, maximum=3600
+            ),
+            retry_max_attempts=reader.integer("RETRY_MAX_ATTEMPTS", defaults.retry_max_attempts, minimum=1, maximum=20),
+            retry_base_delay_ms=reader.integer(
+                "RETRY_BASE_DELAY_MS", defaults.retry_base_delay_ms, minimum=1, maximum=60_000
+            ),
+            retry_max_delay_ms=reader.integer(
+                "RETRY_MAX_DELAY_MS", defaults.retry_max_delay_ms, minimum=1, maximum=600_000
+            ),
             instance_name=reader.text("INSTANCE_NAME", defaults.instance_name),
             log_level=reader.choice("LOG_LEVEL", defaults.log_level, LOG_LEVELS),
             access_log=reader.boolean("ACCESS_LOG", defaults.access_log),

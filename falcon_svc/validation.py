@@ -35,8 +35,11 @@ def read_json(req: falcon.Request, max_bytes: int) -> Any:
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
     # NOTE: read one byte past the limit, so a chunked body that lies about
-    # (or omits) its length is still caught without reading it all.
-    raw = req.bounded_stream.read(max_bytes + 1)
+    # (or omits) its length is still caught without reading it all. The
+    # idempotency middleware may have read it already.
+    raw = req.context.get("raw_body")
+    if raw is None:
+        raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise _too_large(max_bytes)
     if not raw:

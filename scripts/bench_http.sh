@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 duration=${DURATION:-10}
 connections=${CONNECTIONS:-8}
+threads=${THREADS:-1}
 model_dir=${MODEL_DIR:-models/sentiment}
 classes=${WORKER_CLASSES:-"sync gthread meinheld"}
 default_class=${DEFAULT_CLASS:-meinheld}
@@ -35,14 +36,14 @@ run_one() {  # run_one LABEL WORKER_CLASS FAST_PATH
     sleep 0.2
   done
   # Warm both workers (model pages, caches), then measure.
-  wrk -t2 -c"$connections" -d2s -s scripts/bench/unique_texts.lua "http://127.0.0.1:$port" >/dev/null
+  wrk -t"$threads" -c"$connections" -d2s -s scripts/bench/unique_texts.lua "http://127.0.0.1:$port" >/dev/null
   local line
-  line=$(wrk -t2 -c"$connections" -d"${duration}s" -s scripts/bench/unique_texts.lua "http://127.0.0.1:$port" | grep '^{')
+  line=$(wrk -t"$threads" -c"$connections" -d"${duration}s" -s scripts/bench/unique_texts.lua "http://127.0.0.1:$port" | grep '^{')
   printf '%-28s %s\n' "$label" "$line" | tee -a "$work/results"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 }
 
-echo "HTTP: 2 workers, wrk -t2 -c$connections -d${duration}s, unique texts, POST /infer ($(nproc) cores)"
+echo "HTTP: 2 workers, wrk -t$threads -c$connections -d${duration}s, unique texts, POST /infer ($(nproc) cores)"
 for class in $classes; do
   run_one "$class fast-path" "$class" true
 done

@@ -6,6 +6,7 @@ from typing import Any
 
 import falcon
 
+from falcon_svc.dependencies import Dependencies
 from falcon_svc.lifecycle import Lifecycle
 from falcon_svc.model import Model
 
@@ -13,9 +14,10 @@ from falcon_svc.model import Model
 class Readiness:
     """Decide whether this worker should get traffic, and why not."""
 
-    def __init__(self, model: Model | None, lifecycle: Lifecycle) -> None:
+    def __init__(self, model: Model | None, lifecycle: Lifecycle, dependencies: Dependencies | None = None) -> None:
         self._model = model
         self._lifecycle = lifecycle
+        self._deps = dependencies or Dependencies()
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """Return (ready, JSON detail)."""
@@ -37,6 +39,13 @@ class Readiness:
                 warnings.append("dummy model loaded: predictions are not meaningful (train the real model)")
             if self._model.scorer != "compiled":
                 warnings.append("fast path off: serving with scikit-learn's predict_proba")
+        # NOTE: a dependency that is down degrades the service but does not make
+        # it unready: it still classifies, so it should still get traffic.
+        dependencies = self._deps.status()
+        degraded = sorted(name for name, state in dependencies.items() if not state["healthy"])
+        detail["dependencies"] = dependencies
+        detail["degraded"] = degraded
+        warnings.extend(f"{name} unavailable: serving without it" for name in degraded)
         detail["warnings"] = warnings
         return not reasons, detail
 

@@ -52,6 +52,10 @@ def service_env(model_dir: Path, port: int, tmp_path: Path, **extra: str) -> dic
         WORKERS="2",
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
         INSTANCE_NAME="itest",
+        # Free ports with nothing listening: the service must serve degraded.
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATABASE_URL=f"postgresql://falcon@127.0.0.1:{free_port()}/falcon",
+        LOG_SPOOL_DIR=str(tmp_path / "spool"),
     )
     env.update(extra)
     return env
@@ -105,6 +109,8 @@ def test_serves_with_each_worker_class(dummy_model_dir, tmp_path, worker_class):
         assert status == 422 and body["error"]["field"] == "text", body
         status, _, body = call(port, "GET", "/nope")
         assert status == 404 and body["error"]["code"] == "not_found", body
+        status, _, body = call(port, "GET", "/readyz")
+        assert status == 200 and "redis" in body["degraded"], body
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, "a SIGTERM stop must exit 0"
 
@@ -136,6 +142,14 @@ def test_access_log_is_one_json_line_per_request(dummy_model_dir, tmp_path):
     assert len(mine) == 1, f"expected one access line for {request_id}, got {mine}"
     assert {"route", "status", "latency_ms", "worker"} <= set(mine[0])
     assert mine[0]["route"] == "/infer" and mine[0]["status"] == 200
+
+
+def test_serves_degraded_without_redis_and_says_so(dummy_model_dir, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "service.log"
+    with running_service(service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS="sync"), log_path):
+        assert call(port, "POST", "/infer", {"text": "still serving"})[0] == 200
+    assert "DEGRADED: Redis unreachable" in log_path.read_text()
 
 
 def test_invalid_setting_exits_with_config_code(dummy_model_dir, tmp_path):

@@ -1,0 +1,109 @@
+"""Build the clients of Redis and PostgreSQL and their breakers, from settings.
+
+One breaker per dependency, shared by everything that calls it; transitions
+become metrics and one log line each (the breaker logs). Start-up probes each
+dependency once so a missing one is reported loudly, then the service serves
+degraded rather than refusing to start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from falcon_svc import metrics
+from falcon_svc.cache import ResponseCache
+from falcon_svc.idempotency import IdempotencyStore
+from falcon_svc.resilience import CircuitBreaker, State
+from falcon_svc.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _report_transition(name: str, old: State, new: State) -> None:
+    metrics.CIRCUIT_STATE.labels(name).set(new.gauge_value)
+    metrics.CIRCUIT_TRANSITIONS.labels(name, new.value).inc()
+    metrics.DEPENDENCY_UP.labels(name).set(1 if new is State.CLOSED else 0)
+
+
+def make_breaker(name: str, settings: Settings) -> CircuitBreaker:
+    """Return the breaker for one dependency, reporting to metrics."""
+    metrics.CIRCUIT_STATE.labels(name).set(0)
+    metrics.DEPENDENCY_UP.labels(name).set(1)
+    return CircuitBreaker(
+        name,
+        failure_threshold=settings.circuit_breaker_failure_threshold,
+        reset_timeout=settings.circuit_breaker_timeout_seconds,
+        on_transition=_report_transition,
+    )
+
+
+def make_redis_client(settings: Settings) -> redis.Redis:
+    """Return a Redis client that fails fast: short timeouts and no hidden retries.
+
+    NOTE: redis-py retries 3 times with backoff by default; on the request path
+    a failed read is a miss, never a wait, so its retries are switched off.
+    """
+    timeout = settings.redis_timeout_ms / 1000.0
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        client_name="falcon-svc",
+    )
+
+
+@dataclass
+class Dependencies:
+    """What the app uses besides the model: cache, idempotency and their breakers."""
+
+    cache: ResponseCache | None = None
+    idempotency: IdempotencyStore | None = None
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    degraded: dict[str, str] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        """Return each dependency's health and breaker state for the readiness detail."""
+        return {
+            name: {"healthy": breaker.healthy, "circuit": breaker.state.value}
+            for name, breaker in self.breakers.items()
+        }
+
+
+def build_redis_dependencies(settings: Settings, model_version: str, deps: Dependencies) -> None:
+    """Attach the cache and the idempotency store to ``deps``, probing Redis once."""
+    breaker = make_breaker("redis", settings)
+    deps.breakers["redis"] = breaker
+    client = make_redis_client(settings)
+    try:
+        client.ping()
+    except redis.RedisError as ex:
+        breaker.record_failure()
+        deps.degraded["redis"] = f"unreachable at start ({type(ex).__name__})"
+        logger.warning(
+            "DEGRADED: Redis unreachable at %s (%s); serving without the shared cache and without "
+            "idempotency until it answers",
+            settings.redis_url,
+            ex,
+        )
+    if settings.cache_enabled:
+        deps.cache = ResponseCache(
+            client,
+            breaker,
+            model_version=model_version,
+            ttl_seconds=settings.cache_ttl_seconds,
+            local_items=settings.cache_local_items,
+        )
+    deps.idempotency = IdempotencyStore(
+        client,
+        breaker,
+        ttl_seconds=settings.idempotency_ttl_seconds,
+        lock_seconds=settings.idempotency_lock_seconds,
+    )

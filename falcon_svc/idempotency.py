@@ -1,0 +1,249 @@
+"""``X-Idempotency-Key``: a retried POST gets the first answer, never a second computation.
+
+The first request with a key claims it in Redis (``SET NX`` with a short lock
+TTL) and, once answered with a 2xx, stores its response with a fingerprint of the
+request (method, path, canonical body) for ``IDEMPOTENCY_TTL_SECONDS``. Later:
+
+- same key, same fingerprint, stored: the stored response, as it was, with
+  ``Idempotent-Replayed: true``;
+- same key, other fingerprint: 422, nothing computed;
+- same key while the first is still in flight: 409 with ``Retry-After: 1``
+  (chosen over waiting: a sync worker that waits holds a whole process);
+- Redis down or its breaker open: the request proceeds without idempotency, and
+  ``Idempotency-Status: unavailable`` plus a metric say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import falcon
+import redis
+
+from falcon_svc import metrics
+from falcon_svc.errors import APIError
+from falcon_svc.resilience import CircuitBreaker
+
+HEADER = "X-Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+STATUS_HEADER = "Idempotency-Status"
+_VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+# Claim the key if free (returns nil), else return what is stored: one round trip.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+# Store the response only if the claim is still ours (it may have expired).
+_COMPLETE = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['token'] == ARGV[2] then
+  return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+end
+return false
+"""
+_RELEASE = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Outcome(Enum):
+    FIRST = "first"
+    REPLAYED = "replayed"
+    CONFLICT = "conflict"
+    MISMATCH = "mismatch"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``begin`` decided, and what the caller needs to finish or replay."""
+
+    outcome: Outcome
+    key: str = ""
+    fingerprint: str = ""
+    token: str = ""
+    stored: dict[str, Any] | None = None
+
+
+def validate_key(value: str) -> str:
+    """Return the key if it is 1 to 255 visible ASCII characters, else raise a 400."""
+    if not _VALID_KEY.fullmatch(value):
+        raise APIError(
+            falcon.HTTP_400,
+            "invalid_idempotency_key",
+            f"{HEADER} must be 1 to 255 visible ASCII characters (no spaces).",
+            field=HEADER,
+        )
+    return value
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    """Hash the request: JSON bodies canonically (key order and spacing do not matter)."""
+    try:
+        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        canonical = body
+    digest = hashlib.sha256()
+    for part in (method.encode(), b"\n", path.encode(), b"\n", canonical):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class IdempotencyStore:
+    """Claim, complete and replay idempotency keys in Redis, behind a breaker."""
+
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        breaker: CircuitBreaker,
+        *,
+        ttl_seconds: int,
+        lock_seconds: int,
+        prefix: str = "falcon:idem",
+    ) -> None:
+        self._client = client
+        self._breaker = breaker
+        self._ttl = ttl_seconds
+        self._lock = lock_seconds
+        self._prefix = prefix
+        if client is not None:
+            self._claim = client.register_script(_CLAIM)
+            self._complete = client.register_script(_COMPLETE)
+            self._release = client.register_script(_RELEASE)
+
+    def begin(self, key: str, request_fingerprint: str) -> Claim:
+        """Claim ``key`` or report what is already stored under it."""
+        if self._client is None or not self._breaker.allow():
+            return self._unavailable()
+        token = os.urandom(8).hex()
+        pending = json.dumps({"state": "pending", "fp": request_fingerprint, "token": token})
+        redis_key = f"{self._prefix}:{key}"
+        started = time.perf_counter()
+        try:
+            existing = self._claim(keys=[redis_key], args=[pending, self._lock])
+        except redis.RedisError:
+            self._breaker.record_failure()
+            return self._unavailable()
+        finally:
+            metrics.DEPENDENCY_LATENCY.labels("redis", "idempotency_claim").observe(time.perf_counter() - started)
+        self._breaker.record_success()
+        if existing is None:
+            return self._counted(Claim(Outcome.FIRST, redis_key, request_fingerprint, token))
+        record = json.loads(existing)
+        if record["fp"] != request_fingerprint:
+            return self._counted(Claim(Outcome.MISMATCH, redis_key))
+        if record["state"] == "pending":
+            return self._counted(Claim(Outcome.CONFLICT, redis_key))
+        return self._counted(Claim(Outcome.REPLAYED, redis_key, stored=record))
+
+    def complete(self, claim: Claim, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """Store the response of a claimed request; a failure only costs the replay."""
+        record = json.dumps(
+            {
+                "state": "done",
+                "fp": claim.fingerprint,
+                "token": claim.token,
+                "status": status,
+                "body": body.decode("utf-8"),
+                "headers": headers,
+            }
+        )
+        self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl]))
+
+    def release(self, claim: Claim) -> None:
+        """Free a claim whose request failed, so the client may retry it."""
+        self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
+
+    def _quietly(self, call) -> None:
+        if not self._breaker.allow():
+            return
+        try:
+            call()
+        except redis.RedisError:
+            self._breaker.record_failure()
+            return
+        self._breaker.record_success()
+
+    def _unavailable(self) -> Claim:
+        return self._counted(Claim(Outcome.UNAVAILABLE))
+
+    @staticmethod
+    def _counted(claim: Claim) -> Claim:
+        metrics.IDEMPOTENCY.labels(claim.outcome.value).inc()
+        return claim
+
+
+class IdempotencyMiddleware:
+    """Apply ``IdempotencyStore`` to POST requests that carry the header."""
+
+    def __init__(self, store: IdempotencyStore, max_body_bytes: int) -> None:
+        self._store = store
+        self._max_body = max_body_bytes
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+        key = req.get_header(HEADER)
+        if key is None or req.method != "POST" or resource is None:
+            return
+        key = validate_key(key)
+        # NOTE: the body is read here, once, and handed to the resource through
+        # req.context.raw_body; an oversized one is left for the resource's 413.
+        raw = req.bounded_stream.read(self._max_body + 1)
+        req.context.raw_body = raw
+        if len(raw) > self._max_body:
+            return
+        claim = self._store.begin(key, fingerprint(req.method, req.path, raw))
+        if claim.outcome is Outcome.FIRST:
+            req.context.idempotency_claim = claim
+        elif claim.outcome is Outcome.UNAVAILABLE:
+            resp.set_header(STATUS_HEADER, "unavailable")
+        elif claim.outcome is Outcome.MISMATCH:
+            raise APIError(
+                falcon.HTTP_422,
+                "idempotency_key_mismatch",
+                f"This {HEADER} was used with a different request; use a new key for a new request.",
+                field=HEADER,
+            )
+        elif claim.outcome is Outcome.CONFLICT:
+            raise APIError(
+                falcon.HTTP_409,
+                "idempotency_key_in_flight",
+                f"A request with this {HEADER} is still being processed; retry shortly.",
+                field=HEADER,
+                headers={"Retry-After": "1"},
+            )
+        else:
+            self._replay(req, resp, claim.stored or {})
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        claim: Claim | None = getattr(req.context, "idempotency_claim", None)
+        if claim is None:
+            return
+        if req_succeeded and 200 <= resp.status_code < 300:
+            body = resp.render_body() or b""
+            self._store.complete(claim, resp.status_code, body, {"X-Request-ID": req.context.request_id})
+        else:
+            self._store.release(claim)
+
+    @staticmethod
+    def _replay(req: falcon.Request, resp: falcon.Response, stored: dict[str, Any]) -> None:
+        resp.status = stored["status"]
+        resp.data = stored["body"].encode("utf-8")
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_header(REPLAYED_HEADER, "true")
+        # The replay answers with the original request id; this request keeps its
+        # own id in the logs.
+        req.context.response_request_id = stored["headers"].get("X-Request-ID")
+        req.context.idempotent_replay = True
+        resp.complete = True

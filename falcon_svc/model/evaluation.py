@@ -1,0 +1,75 @@
+"""Measure a model: accuracy, macro-F1, per-class F1, and the VADER baseline beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sklearn.metrics import accuracy_score, f1_score
+
+from falcon_svc.model.data import LABELS
+
+VADER_THRESHOLD = 0.05  # VADER's documented cut-offs for its compound score
+
+
+def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    """Return accuracy, macro-F1 and per-class F1 of ``predicted`` against ``truth``."""
+    per_class = f1_score(truth, predicted, labels=list(LABELS), average=None, zero_division=0)
+    return {
+        "n": len(truth),
+        "accuracy": round(float(accuracy_score(truth, predicted)), 4),
+        "macro_f1": round(float(f1_score(truth, predicted, labels=list(LABELS), average="macro", zero_division=0)), 4),
+        "f1_per_class": {label: round(float(value), 4) for label, value in zip(LABELS, per_class, strict=True)},
+    }
+
+
+def vader_predict(texts: Sequence[str]) -> list[str] | None:
+    """Label ``texts`` with VADER (compound >= 0.05 positive, <= -0.05 negative).
+
+    Return None if vaderSentiment is not installed: the baseline is a yardstick
+    for training, never a dependency of serving.
+    """
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        return None
+    analyzer = SentimentIntensityAnalyzer()
+    labels = []
+    for text in texts:
+        compound = analyzer.polarity_scores(text)["compound"]
+        if compound >= VADER_THRESHOLD:
+            labels.append("positive")
+        elif compound <= -VADER_THRESHOLD:
+            labels.append("negative")
+        else:
+            labels.append("neutral")
+    return labels
+
+
+def evaluate(predicted: Sequence[str], truth: Sequence[str], texts: Sequence[str]) -> dict:
+    """Return {"model": scores, "vader": scores or None} for one evaluation set."""
+    vader = vader_predict(texts)
+    return {
+        "model": score_predictions(truth, predicted),
+        "vader": score_predictions(truth, vader) if vader is not None else None,
+    }
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """Render the metrics of each evaluation set as a plain-text table, model vs VADER."""
+    header = f"{'set':<14}{'n':>6}  {'who':<6}{'acc':>7}{'macroF1':>9}{'F1 neg':>8}{'F1 neu':>8}{'F1 pos':>8}"
+    lines = [header, "-" * len(header)]
+    for set_name, result in metrics.items():
+        if not isinstance(result, dict) or "model" not in result:
+            continue
+        for who in ("model", "vader"):
+            scores = result.get(who)
+            if not scores:
+                continue
+            per_class = scores["f1_per_class"]
+            lines.append(
+                f"{set_name if who == 'model' else '':<14}"
+                f"{scores['n'] if who == 'model' else '':>6}  {who:<6}"
+                f"{scores['accuracy']:>7.3f}{scores['macro_f1']:>9.3f}"
+                + "".join(f"{per_class[label]:>8.3f}" for label in LABELS)
+            )
+    return "\n".join(lines)

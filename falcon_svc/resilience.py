@@ -1,0 +1,190 @@
+"""Circuit breakers and retries: how falcon-svc survives Redis and PostgreSQL failures.
+
+A breaker per dependency stops calling it after repeated failures, so a dead
+server costs microseconds instead of a timeout on every request; after a pause it
+lets a few trial calls through and closes again when they succeed. Retries with
+exponential backoff and full jitter belong off the request path (the log writer);
+the request path tries once with a short timeout and degrades.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class State(StrEnum):
+    """Breaker states; the gauge value is the index (closed 0, half-open 1, open 2)."""
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+    @property
+    def gauge_value(self) -> int:
+        return (State.CLOSED, State.HALF_OPEN, State.OPEN).index(self)
+
+
+class CircuitOpenError(Exception):
+    """Raised instead of calling a dependency whose breaker is open."""
+
+
+Transition = Callable[[str, State, State], None]
+
+
+class CircuitBreaker:
+    """Count consecutive failures of one dependency and stop calling it when they pile up.
+
+    closed -> open after ``failure_threshold`` consecutive failures; open fails
+    fast for ``reset_timeout`` seconds; then half-open admits up to
+    ``half_open_max_calls`` concurrent trial calls: a success closes the breaker,
+    a failure re-opens it for another ``reset_timeout``.
+
+    Thread-safe: gthread workers and the log writer thread share breakers.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        reset_timeout: float = 60.0,
+        half_open_max_calls: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Transition | None = None,
+    ) -> None:
+        self.name = name
+        self._threshold = failure_threshold
+        self._reset_timeout = reset_timeout
+        self._half_open_max = half_open_max_calls
+        self._clock = clock
+        self._on_transition = on_transition
+        self._lock = threading.Lock()
+        self._state = State.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trials = 0
+
+    @property
+    def state(self) -> State:
+        """Return the state now (an expired open breaker reads as half-open)."""
+        with self._lock:
+            self._expire_open()
+            return self._state
+
+    @property
+    def healthy(self) -> bool:
+        """Tell whether the last call succeeded and the breaker is closed."""
+        with self._lock:
+            self._expire_open()
+            return self._state is State.CLOSED and self._failures == 0
+
+    def allow(self) -> bool:
+        """Tell whether a call may go ahead now; a half-open breaker counts it as a trial."""
+        with self._lock:
+            self._expire_open()
+            if self._state is State.CLOSED:
+                return True
+            if self._state is State.HALF_OPEN and self._trials < self._half_open_max:
+                self._trials += 1
+                return True
+            return False
+
+    def record_success(self) -> None:
+        """Note a successful call: resets the count, closes a half-open breaker."""
+        with self._lock:
+            self._failures = 0
+            if self._state is not State.CLOSED:
+                self._move(State.CLOSED)
+
+    def record_failure(self) -> None:
+        """Note a failed call: may open the breaker."""
+        with self._lock:
+            self._failures += 1
+            if self._state is State.HALF_OPEN or (self._state is State.CLOSED and self._failures >= self._threshold):
+                self._opened_at = self._clock()
+                self._move(State.OPEN)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` through the breaker: fail fast when open, record the outcome.
+
+        Raises:
+            CircuitOpenError: the breaker does not allow a call now.
+        """
+        if not self.allow():
+            raise CircuitOpenError(f"{self.name} circuit is open")
+        try:
+            result = fn()
+        except Exception:
+            self.record_failure()
+            raise
+        self.record_success()
+        return result
+
+    def _expire_open(self) -> None:
+        if self._state is State.OPEN and self._clock() - self._opened_at >= self._reset_timeout:
+            self._move(State.HALF_OPEN)
+
+    def _move(self, new: State) -> None:
+        old, self._state = self._state, new
+        self._trials = 0
+        if new is State.CLOSED:
+            self._failures = 0
+        logger.warning(
+            "circuit %s: %s -> %s",
+            self.name,
+            old.value,
+            new.value,
+            extra={"dependency": self.name, "from_state": old.value, "to_state": new.value},
+        )
+        if self._on_transition is not None:
+            self._on_transition(self.name, old, new)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: attempt n sleeps uniform(0, min(cap, base * 2**n))."""
+
+    max_attempts: int = 3
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Return the sleep before retry number ``attempt`` (0-based)."""
+        return rand() * min(self.max_delay, self.base_delay * (2**attempt))
+
+
+def retry(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    is_transient: Callable[[BaseException], bool],
+    sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+    rand: Callable[[], float] = random.random,
+) -> T:
+    """Call ``fn`` up to ``policy.max_attempts`` times, sleeping between transient failures.
+
+    A non-transient error (a bad query, a constraint) is raised at once: retrying
+    cannot fix it.
+    """
+    for attempt in range(policy.max_attempts):
+        try:
+            return fn()
+        except Exception as ex:
+            if attempt + 1 >= policy.max_attempts or not is_transient(ex):
+                raise
+            if on_retry is not None:
+                on_retry(attempt + 1, ex)
+            sleep(policy.delay(attempt, rand))
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover

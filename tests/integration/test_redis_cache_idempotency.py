@@ -1,0 +1,201 @@
+"""Response cache and idempotency against a real redis-server, including Redis dying mid-run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import falcon.testing
+import pytest
+import redis
+from servers import RedisServer
+
+from falcon_svc.app import create_app
+from falcon_svc.dependencies import Dependencies, build_redis_dependencies
+from falcon_svc.model import Model
+from falcon_svc.resilience import State
+from falcon_svc.settings import Settings
+
+pytestmark = pytest.mark.integration
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_settings(settings: Settings, redis_server: RedisServer) -> Settings:
+    return replace(settings, redis_url=redis_server.url, circuit_breaker_timeout_seconds=1)
+
+
+def build(
+    settings: Settings, model: Model, version: str | None = None
+) -> tuple[falcon.testing.TestClient, Dependencies]:
+    """A fresh app (empty local cache tier) on the shared Redis."""
+    deps = Dependencies()
+    build_redis_dependencies(settings, version or model.version, deps)
+    return falcon.testing.TestClient(create_app(settings, model, dependencies=deps, worker_id="t:1")), deps
+
+
+def infer(client, text: str, key: str | None = None) -> falcon.testing.Result:
+    headers = {**JSON, **({"X-Idempotency-Key": key} if key else {})}
+    return client.simulate_post("/infer", body=json.dumps({"text": text}), headers=headers)
+
+
+def wait_for_keys(server: RedisServer, count: int, within: float = 5.0) -> None:
+    """The cache writes to Redis from a background thread: wait until it has."""
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + within
+    while len(client.keys("falcon:cache:*")) < count:
+        assert time.monotonic() < deadline, f"expected {count} cache keys, found {client.keys('falcon:cache:*')}"
+        time.sleep(0.02)
+
+
+class TestCache:
+    def test_second_identical_request_is_a_hit_from_redis(self, redis_settings, model, redis_server):
+        first, _ = build(redis_settings, model)
+        assert infer(first, "The room was spotless").json["cache_hit"] is False
+        wait_for_keys(redis_server, 1)
+        # Another worker (empty local tier) gets Redis's answer; whitespace differences normalise away.
+        second, _ = build(redis_settings, model)
+        body = infer(second, "  The room   was spotless ").json
+        assert body["cache_hit"] is True
+        assert body["probabilities"] == infer(first, "The room was spotless").json["probabilities"]
+
+    def test_repeat_in_the_same_worker_is_a_local_hit(self, redis_settings, model):
+        client, _ = build(redis_settings, model)
+        assert infer(client, "fast answer").json["cache_hit"] is False
+        assert infer(client, "fast answer").json["cache_hit"] is True
+
+    def test_new_model_version_never_serves_old_answers(self, redis_settings, model, redis_server):
+        old, _ = build(redis_settings, model, version="v-old")
+        infer(old, "versioned text")
+        wait_for_keys(redis_server, 1)
+        new, _ = build(redis_settings, model, version="v-new")
+        assert infer(new, "versioned text").json["cache_hit"] is False
+
+    def test_batch_reports_hits_per_item(self, redis_settings, model, redis_server):
+        client, _ = build(redis_settings, model)
+        infer(client, "already seen")
+        wait_for_keys(redis_server, 1)
+        fresh, _ = build(redis_settings, model)
+        result = fresh.simulate_post(
+            "/infer/batch", body=json.dumps({"texts": ["already seen", "never seen", "already seen"]}), headers=JSON
+        )
+        assert [item["cache_hit"] for item in result.json["results"]] == [True, False, True]
+
+
+class TestIdempotency:
+    def test_replay_returns_the_stored_response(self, redis_settings, model):
+        client, _ = build(redis_settings, model)
+        first = infer(client, "pay once", key="order-1")
+        replay = infer(client, "pay once", key="order-1")
+        assert first.status_code == replay.status_code == 200
+        assert replay.headers.get("idempotent-replayed") == "true"
+        assert "idempotent-replayed" not in first.headers
+        assert replay.json == first.json, "the replay must be the stored response, as it was"
+        assert replay.headers["x-request-id"] == first.headers["x-request-id"] == first.json["request_id"]
+
+    def test_same_key_other_body_is_422(self, redis_settings, model):
+        client, _ = build(redis_settings, model)
+        infer(client, "first body", key="order-2")
+        result = infer(client, "second body", key="order-2")
+        assert result.status_code == 422, result.text
+        assert result.json["error"]["code"] == "idempotency_key_mismatch"
+
+    def test_canonical_body_matches_despite_key_order(self, redis_settings, model):
+        client, _ = build(redis_settings, model)
+        a = client.simulate_post(
+            "/infer/batch", body='{"texts": ["x"], "z": 1}', headers={**JSON, "X-Idempotency-Key": "k3"}
+        )
+        b = client.simulate_post(
+            "/infer/batch", body='{ "z":1, "texts":["x"] }', headers={**JSON, "X-Idempotency-Key": "k3"}
+        )
+        assert b.headers.get("idempotent-replayed") == "true" and a.json == b.json
+
+    @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "caf\u00e9"])
+    def test_bad_key_is_400(self, redis_settings, model, key):
+        client, _ = build(redis_settings, model)
+        result = (
+            infer(client, "text", key=key)
+            if key
+            else client.simulate_post("/infer", body='{"text": "t"}', headers={**JSON, "X-Idempotency-Key": ""})
+        )
+        assert result.status_code == 400, result.text
+        assert result.json["error"]["code"] == "invalid_idempotency_key"
+
+    def test_failed_request_releases_the_key(self, redis_settings, model):
+        client, _ = build(redis_settings, model)
+        assert infer(client, "   ", key="order-4").status_code == 422
+        assert infer(client, "now valid", key="order-4").status_code == 200
+
+    def test_concurrent_duplicates_compute_once(self, redis_settings, model):
+        computed = []
+        started = threading.Event()
+
+        class SlowModel:
+            """Our model interface, slowed so the duplicates overlap."""
+
+            def __getattr__(self, name):
+                return getattr(model, name)
+
+            def predict(self, texts):
+                computed.append(list(texts))
+                started.set()
+                time.sleep(0.5)
+                return model.predict(texts)
+
+        client, _ = build(redis_settings, SlowModel())
+        results: list[falcon.testing.Result] = []
+
+        def send():
+            results.append(infer(client, "charge my card", key="order-5"))
+
+        threads = [threading.Thread(target=send) for _ in range(6)]
+        threads[0].start()
+        assert started.wait(5)
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        statuses = sorted(result.status_code for result in results)
+        assert statuses == [200, 409, 409, 409, 409, 409], statuses
+        assert len(computed) == 1, f"the model ran {len(computed)} times"
+        conflict = next(result for result in results if result.status_code == 409)
+        assert conflict.headers["retry-after"] == "1"
+        assert infer(client, "charge my card", key="order-5").headers.get("idempotent-replayed") == "true"
+
+
+def test_redis_killed_mid_run_then_back(redis_settings, model, redis_server):
+    client, deps = build(redis_settings, model)
+    breaker = deps.breakers["redis"]
+    infer(client, "before the outage")
+    wait_for_keys(redis_server, 1)
+
+    redis_server.stop()
+    for i in range(20):
+        result = infer(client, f"during the outage {i}", key=f"k-{i}")
+        assert result.status_code == 200, result.text
+        assert result.json["cache_hit"] is False
+        assert result.headers.get("idempotency-status") == "unavailable"
+    assert breaker.state is State.OPEN
+    ready = client.simulate_get("/readyz")
+    assert ready.status_code == 200 and ready.json["degraded"] == ["redis"], ready.json
+
+    redis_server.start()
+    time.sleep(1.1)  # the test breaker's open timeout is 1 s
+    assert breaker.state is State.HALF_OPEN
+    assert infer(client, "after the outage").status_code == 200
+    assert breaker.state is State.CLOSED
+    wait_for_keys(redis_server, 1)  # caching resumed (the old server's keys died with it)
+    fresh, _ = build(redis_settings, model)
+    assert infer(fresh, "after the outage").json["cache_hit"] is True

@@ -1,0 +1,156 @@
+"""Circuit breaker transitions and retry backoff, with a fake clock and a fake sleep."""
+
+from __future__ import annotations
+
+import pytest
+
+from falcon_svc.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy, State, retry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def transitions() -> list[tuple[str, State, State]]:
+    return []
+
+
+@pytest.fixture
+def breaker(clock, transitions) -> CircuitBreaker:
+    return CircuitBreaker(
+        "redis",
+        failure_threshold=5,
+        reset_timeout=60,
+        clock=clock,
+        on_transition=lambda name, old, new: transitions.append((name, old, new)),
+    )
+
+
+def fail(breaker: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        breaker.record_failure()
+
+
+def test_stays_closed_below_threshold(breaker):
+    fail(breaker, 4)
+    assert breaker.state is State.CLOSED and breaker.allow()
+
+
+def test_success_resets_the_consecutive_count(breaker):
+    fail(breaker, 4)
+    breaker.record_success()
+    fail(breaker, 4)
+    assert breaker.state is State.CLOSED
+
+
+def test_opens_after_five_consecutive_failures_and_fails_fast(breaker, transitions):
+    fail(breaker, 5)
+    assert breaker.state is State.OPEN
+    assert not breaker.allow()
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "never called")
+    assert transitions == [("redis", State.CLOSED, State.OPEN)]
+
+
+def test_half_opens_after_the_timeout_and_admits_one_trial(breaker, clock, transitions):
+    fail(breaker, 5)
+    clock.now += 59.9
+    assert breaker.state is State.OPEN
+    clock.now += 0.1
+    assert breaker.state is State.HALF_OPEN
+    assert breaker.allow(), "the first trial call must go through"
+    assert not breaker.allow(), "only one trial at a time while half-open"
+    assert transitions[-1] == ("redis", State.OPEN, State.HALF_OPEN)
+
+
+def test_trial_success_closes(breaker, clock, transitions):
+    fail(breaker, 5)
+    clock.now += 60
+    assert breaker.call(lambda: 42) == 42
+    assert breaker.state is State.CLOSED
+    assert transitions[-1] == ("redis", State.HALF_OPEN, State.CLOSED)
+    fail(breaker, 4)
+    assert breaker.state is State.CLOSED, "closing must reset the failure count"
+
+
+def test_trial_failure_reopens_for_a_full_timeout(breaker, clock, transitions):
+    fail(breaker, 5)
+    clock.now += 60
+    with pytest.raises(ConnectionError):
+        breaker.call(_raise(ConnectionError("refused")))
+    assert breaker.state is State.OPEN
+    assert transitions[-1] == ("redis", State.HALF_OPEN, State.OPEN)
+    clock.now += 59
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow()
+
+
+def test_each_transition_is_reported_once(breaker, clock, transitions):
+    fail(breaker, 8)
+    for _ in range(3):
+        _ = breaker.state
+    assert transitions == [("redis", State.CLOSED, State.OPEN)]
+
+
+def test_gauge_values():
+    assert [s.gauge_value for s in (State.CLOSED, State.HALF_OPEN, State.OPEN)] == [0, 1, 2]
+
+
+def _raise(ex: Exception):
+    def fn():
+        raise ex
+
+    return fn
+
+
+class TestRetry:
+    def test_full_jitter_backoff_is_capped(self):
+        policy = RetryPolicy(max_attempts=10, base_delay=0.1, max_delay=5.0)
+        assert [policy.delay(n, rand=lambda: 1.0) for n in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+        assert policy.delay(3, rand=lambda: 0.5) == pytest.approx(0.4)
+
+    def test_retries_transient_errors_then_succeeds(self):
+        calls, sleeps = [], []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) < 3:
+                raise ConnectionError("reset")
+            return "ok"
+
+        result = retry(flaky, RetryPolicy(), is_transient=lambda ex: True, sleep=sleeps.append, rand=lambda: 1.0)
+        assert result == "ok" and len(calls) == 3
+        assert sleeps == [0.1, 0.2]
+
+    def test_gives_up_after_max_attempts(self):
+        sleeps = []
+        with pytest.raises(TimeoutError):
+            retry(
+                _raise(TimeoutError()), RetryPolicy(max_attempts=3), is_transient=lambda ex: True, sleep=sleeps.append
+            )
+        assert len(sleeps) == 2
+
+    def test_does_not_retry_permanent_errors(self):
+        sleeps = []
+        with pytest.raises(ValueError):
+            retry(_raise(ValueError("bad sql")), RetryPolicy(), is_transient=lambda ex: False, sleep=sleeps.append)
+        assert sleeps == []
+
+
+def test_healthy_only_when_closed_and_last_call_succeeded(breaker, clock):
+    assert breaker.healthy
+    breaker.record_failure()
+    assert not breaker.healthy and breaker.state is State.CLOSED
+    breaker.record_success()
+    assert breaker.healthy
