@@ -38,7 +38,9 @@ run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
 	@echo "  curl -s http://$(BIND)/infer -H 'Content-Type: application/json' -d '{\"text\": \"The delivery was quick and the staff were lovely.\"}'"
 	@echo
 	@set -a; [ -f .env ] && . ./.env; set +a; \
-	  BIND=$${BIND:-$(BIND)} MODEL_DIR=$${MODEL_DIR:-$(MODEL_DIR)} exec $(VENV)/bin/falcon-svc serve
+	  export BIND=$${BIND:-$(BIND)} MODEL_DIR=$${MODEL_DIR:-$(MODEL_DIR)}; \
+	  $(VENV)/bin/falcon-svc migrate --if-reachable; \
+	  exec $(VENV)/bin/falcon-svc serve
 
 # Integration tests start real servers from these packages (on free ports).
 TEST_SYSTEM_PACKAGES := redis-server postgresql

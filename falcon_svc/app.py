@@ -15,7 +15,7 @@ import time
 import falcon
 
 from falcon_svc import errors, metrics
-from falcon_svc.dependencies import Dependencies, build_redis_dependencies
+from falcon_svc.dependencies import Dependencies, build_redis_dependencies, build_request_log
 from falcon_svc.idempotency import IdempotencyMiddleware
 from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
@@ -63,7 +63,7 @@ def create_app(
     classifier = Classifier(model, deps.cache)
     readiness = Readiness(model, lifecycle, deps)
 
-    middleware: list[object] = [RequestContext(worker_id, settings.access_log)]
+    middleware: list[object] = [RequestContext(worker_id, settings.access_log, deps.request_log)]
     if deps.idempotency is not None:
         middleware.append(IdempotencyMiddleware(deps.idempotency, settings.max_body_bytes))
     app = falcon.App(middleware=middleware)
@@ -145,4 +145,9 @@ def get_app() -> falcon.App:
     )
     deps = Dependencies()
     build_redis_dependencies(settings, model.version, deps)
+    build_request_log(settings, deps)
+    deps.request_log.start()
+    # NOTE: the drain budget is gunicorn's graceful_timeout, shared with the
+    # in-flight requests; the flush gets half of it, and spools what is left.
+    LIFECYCLE.on_exit(lambda: deps.close(settings.graceful_shutdown_timeout_seconds / 2))
     return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE)

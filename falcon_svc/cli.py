@@ -1,4 +1,4 @@
-"""The ``falcon-svc`` command: serve, check, train.
+"""The ``falcon-svc`` command: serve, check, migrate, train.
 
 ``serve`` replaces itself with gunicorn (``os.execv``), so under systemd the
 gunicorn master is the unit's main process, as ``Type=notify`` and
@@ -40,6 +40,27 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate(args: argparse.Namespace) -> int:
+    """Apply the SQL migrations to DATABASE_URL (safe to run twice, or concurrently)."""
+    import psycopg
+
+    from falcon_svc.app import load_settings_or_exit
+    from falcon_svc.migrate import MigrationError, apply_migrations
+
+    settings = load_settings_or_exit()
+    try:
+        applied = apply_migrations(settings.database_url)
+    except (psycopg.OperationalError, MigrationError) as ex:
+        if args.if_reachable and isinstance(ex, psycopg.OperationalError):
+            reason = str(ex).splitlines()[0]
+            print(f"DEGRADED: PostgreSQL unreachable ({reason}); request-log rows will be spooled", file=sys.stderr)
+            return 0
+        print(f"migrate: {ex}", file=sys.stderr)
+        return 1
+    print(f"migrate: applied {', '.join(applied)}" if applied else "migrate: schema is up to date")
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     """Train the model (or the dummy when the data package is missing)."""
     from falcon_svc.model.train_cli import main as train_main
@@ -56,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.set_defaults(handler=serve)
     check_parser = commands.add_parser("check", help="validate settings and the model, print a summary")
     check_parser.set_defaults(handler=check)
+    migrate_parser = commands.add_parser("migrate", help="apply the SQL migrations to DATABASE_URL")
+    migrate_parser.add_argument(
+        "--if-reachable", action="store_true", help="exit 0 with a DEGRADED line when PostgreSQL is unreachable"
+    )
+    migrate_parser.set_defaults(handler=migrate)
     train_parser = commands.add_parser("train", help="train the model (falcon-svc train --help)", add_help=False)
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(handler=train)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -19,8 +20,10 @@ from redis.retry import Retry
 from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
-from falcon_svc.resilience import CircuitBreaker, State
+from falcon_svc.requestlog import RequestLog
+from falcon_svc.resilience import CircuitBreaker, RetryPolicy, State
 from falcon_svc.settings import Settings
+from falcon_svc.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Dependencies:
 
     cache: ResponseCache | None = None
     idempotency: IdempotencyStore | None = None
+    request_log: RequestLog | None = None
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
     degraded: dict[str, str] = field(default_factory=dict)
 
@@ -75,6 +79,11 @@ class Dependencies:
             name: {"healthy": breaker.healthy, "circuit": breaker.state.value}
             for name, breaker in self.breakers.items()
         }
+
+    def close(self, timeout: float) -> None:
+        """Flush what must not be lost (the request log) within ``timeout`` seconds."""
+        if self.request_log is not None:
+            self.request_log.close(timeout)
 
 
 def build_redis_dependencies(settings: Settings, model_version: str, deps: Dependencies) -> None:
@@ -106,4 +115,39 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
         breaker,
         ttl_seconds=settings.idempotency_ttl_seconds,
         lock_seconds=settings.idempotency_lock_seconds,
+    )
+
+
+def build_request_log(settings: Settings, deps: Dependencies) -> None:
+    """Attach the PostgreSQL request log (queue, writer thread, spool) to ``deps``.
+
+    The writer is started by the caller, after gunicorn's fork.
+    """
+    breaker = make_breaker("postgres", settings)
+    deps.breakers["postgres"] = breaker
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=2):
+            pass
+    except psycopg.Error as ex:
+        breaker.record_failure()
+        deps.degraded["postgres"] = f"unreachable at start ({type(ex).__name__})"
+        logger.warning(
+            "DEGRADED: PostgreSQL unreachable (%s); request-log rows are queued, then spooled to %s, "
+            "and written when it answers",
+            str(ex).splitlines()[0],
+            settings.log_spool_dir,
+        )
+    deps.request_log = RequestLog(
+        settings.database_url,
+        Spool(settings.log_spool_dir, settings.log_spool_max_bytes),
+        breaker,
+        RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            base_delay=settings.retry_base_delay_ms / 1000.0,
+            max_delay=settings.retry_max_delay_ms / 1000.0,
+        ),
+        buffer_max=settings.log_buffer_max,
+        batch_size=settings.log_batch_size,
+        flush_interval=settings.log_flush_interval_ms / 1000.0,
+        log_text=settings.log_request_text,
     )

@@ -127,6 +127,13 @@ def child_exit(server, worker) -> None:
     mark_worker_dead(worker.pid)
 
 
+def worker_exit(server, worker) -> None:
+    """Flush the request log (or spool it) before the worker process ends."""
+    from falcon_svc.lifecycle import LIFECYCLE
+
+    LIFECYCLE.run_exit_hooks()
+
+
 def worker_abort(worker) -> None:
     """Log the timeout kill (SIGABRT) with the worker's pid, once."""
     worker.log.error("worker %s timed out and is being replaced", worker.pid)

@@ -43,6 +43,35 @@ class Result:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """What one request asked and got: the texts, their results, the model version.
+
+    Resources leave it on ``req.context.inference``; the request log reads it.
+    """
+
+    texts: Sequence[str]
+    results: Sequence[Result]
+    model_version: str
+
+    def fill(self, row: Any) -> None:
+        """Copy what the request log keeps into ``row`` (a ``requestlog.LogRow``)."""
+        results = self.results
+        row.model_version = self.model_version
+        row.n_texts = len(results)
+        row.cache_hit = all(result.cache_hit for result in results)
+        row.text_length = sum(len(text) for text in self.texts)
+        if len(results) == 1:
+            row.label = results[0].prediction.label
+            row.confidence = results[0].prediction.confidence
+            row.text_sha256 = results[0].digest
+            row.text = self.texts[0]
+        else:
+            # A batch is identified by the hash of its texts' hashes, in order.
+            row.text_sha256 = hashlib.sha256("\x1e".join(r.digest for r in results).encode()).hexdigest()
+            row.text = "\x1e".join(self.texts)
+
+
 class Classifier:
     """Answer from the cache where it can, else run the model; record metrics."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -21,6 +22,20 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.draining = False
+        self._exit_hooks: list[Callable[[], None]] = []
+
+    def on_exit(self, hook: Callable[[], None]) -> None:
+        """Register work to do when the worker exits (flush the request log)."""
+        self._exit_hooks.append(hook)
+
+    def run_exit_hooks(self) -> None:
+        """Run the exit hooks, newest first; one failing does not stop the others."""
+        while self._exit_hooks:
+            hook = self._exit_hooks.pop()
+            try:
+                hook()
+            except Exception:
+                logger.exception("exit hook %r failed", hook)
 
     def begin_drain(self) -> None:
         """Mark the worker as draining (idempotent); readiness turns 503."""

@@ -9,7 +9,9 @@ import time
 import falcon
 
 from falcon_svc import metrics
+from falcon_svc.inference import Inference
 from falcon_svc.logs import AccessLog
+from falcon_svc.requestlog import LogRow, RequestLog
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is honoured only if it is short and plain, so it is safe in logs,
@@ -18,6 +20,9 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 UNMATCHED_ROUTE = "unmatched"
 # Clients may send any method name; only these become metric labels.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Routes whose every request gets a row in PostgreSQL's request_log (probes and
+# scrapes would only bury them).
+LOGGED_ROUTES = frozenset({"/infer", "/infer/batch", "/v2/models/{name}/infer"})
 
 
 def new_request_id() -> str:
@@ -40,15 +45,17 @@ def elapsed_ms(req: falcon.Request) -> float:
 class RequestContext:
     """Falcon middleware: request id, timing, metrics and the access log line."""
 
-    def __init__(self, worker_id: str, access_log: bool = True) -> None:
+    def __init__(self, worker_id: str, access_log: bool = True, request_log: RequestLog | None = None) -> None:
         self._worker_id = worker_id
         self._access_log = AccessLog() if access_log else None
+        self._request_log = request_log
         # (route, method, status) -> labelled metric children: .labels() costs
         # microseconds per call, and the key space is bounded (routes, methods).
         self._children: dict[tuple[str, str, int], tuple] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
+        req.context.received_at = time.time()
         req.context.request_id = request_id_for(req.get_header(REQUEST_ID_HEADER))
         metrics.IN_FLIGHT.inc()
 
@@ -69,6 +76,10 @@ class RequestContext:
         metrics.IN_FLIGHT.dec()
         children[0].inc()
         children[1].observe(seconds)
+        if self._request_log is not None and route in LOGGED_ROUTES:
+            self._request_log.submit(
+                self._log_row(req, request_id=request_id, route=route, method=method, status=status, seconds=seconds)
+            )
         if self._access_log is not None:
             self._access_log.write(
                 {
@@ -81,3 +92,29 @@ class RequestContext:
                     "worker": self._worker_id,
                 }
             )
+
+    def _log_row(
+        self, req: falcon.Request, *, request_id: str, route: str, method: str, status: int, seconds: float
+    ) -> LogRow:
+        """Build the request_log row: who asked what, what the model said, how fast."""
+        inference: Inference | None = req.context.get("inference")
+        row = LogRow(
+            request_id=request_id,
+            received_at=req.context.received_at,
+            route=route,
+            method=method,
+            status=status,
+            worker_id=self._worker_id,
+            model_version=None,
+            label=None,
+            confidence=None,
+            n_texts=None,
+            cache_hit=None,
+            idempotent_replay=bool(req.context.get("idempotent_replay")),
+            latency_ms=round(seconds * 1000.0, 3),
+            text_length=None,
+            text_sha256=None,
+        )
+        if inference is not None:
+            inference.fill(row)
+        return row

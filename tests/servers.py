@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,16 +86,19 @@ class PostgresServer:
         if not bins:
             pytest.fail("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
         self._bin = Path(bins[-1]).parent
-        self.directory = directory
-        self.data = directory / "data"
         self.port = free_port()
+        self._owned_dir: Path | None = None
         # NOTE: PostgreSQL refuses to run as root; CI runs as root, so the
-        # cluster belongs to the postgres system user there.
+        # cluster belongs to the postgres system user there, in a directory of
+        # its own (pytest's temp dirs are private to root).
         self._runas: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
+            directory = self._owned_dir = Path(tempfile.mkdtemp(prefix="falcon-pg-"))
             os.chown(directory, user.pw_uid, user.pw_gid)
             self._runas = ["runuser", "-u", "postgres", "--"]
+        self.directory = directory
+        self.data = directory / "data"
 
     @property
     def dsn(self) -> str:
@@ -119,3 +123,9 @@ class PostgresServer:
     def stop(self, mode: str = "immediate") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run(str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        """Stop the server and remove its files."""
+        self.stop()
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)

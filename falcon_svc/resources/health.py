@@ -43,6 +43,8 @@ class Readiness:
         # it unready: it still classifies, so it should still get traffic.
         dependencies = self._deps.status()
         degraded = sorted(name for name, state in dependencies.items() if not state["healthy"])
+        if self._deps.request_log is not None:
+            detail["request_log"] = self._deps.request_log.status()
         detail["dependencies"] = dependencies
         detail["degraded"] = degraded
         warnings.extend(f"{name} unavailable: serving without it" for name in degraded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import falcon
 
-from falcon_svc.inference import Classifier
+from falcon_svc.inference import Classifier, Inference
 from falcon_svc.middleware import elapsed_ms
 from falcon_svc.settings import Settings
 from falcon_svc.validation import read_json, require_object, require_text, require_texts
@@ -22,7 +22,9 @@ class InferResource:
         body = require_object(read_json(req, self._settings.max_body_bytes))
         text = require_text(body.get("text"), "text", self._settings.max_text_chars)
         (result,) = self._classifier.classify([text])
-        reply = result.to_body(self._classifier.model.version)
+        version = self._classifier.model.version
+        req.context.inference = Inference([text], [result], version)
+        reply = result.to_body(version)
         reply["worker_id"] = self._worker_id
         reply["request_id"] = req.context.request_id
         reply["processing_time_ms"] = elapsed_ms(req)
@@ -42,6 +44,7 @@ class BatchInferResource:
         texts = require_texts(body.get("texts"), "texts", self._settings.max_batch_size, self._settings.max_text_chars)
         version = self._classifier.model.version
         results = self._classifier.classify(texts)
+        req.context.inference = Inference(texts, results, version)
         resp.media = {
             "results": [result.to_body(version) for result in results],
             "count": len(results),

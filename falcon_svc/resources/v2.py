@@ -14,7 +14,7 @@ import falcon
 
 import falcon_svc
 from falcon_svc.errors import APIError, invalid_input
-from falcon_svc.inference import Classifier
+from falcon_svc.inference import Classifier, Inference
 from falcon_svc.resources.health import Readiness
 from falcon_svc.settings import Settings
 from falcon_svc.validation import read_json, require_object, require_texts
@@ -91,7 +91,9 @@ class V2InferResource:
             _text_tensor_data(body), "inputs[0].data", self._settings.max_batch_size, self._settings.max_text_chars
         )
         wanted = _requested_outputs(body)
-        predictions = [result.prediction for result in self._classifier.classify(texts)]
+        results = self._classifier.classify(texts)
+        req.context.inference = Inference(texts, results, model.version)
+        predictions = [result.prediction for result in results]
         n = len(predictions)
         tensors = {
             "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": [p.label for p in predictions]},

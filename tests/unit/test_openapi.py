@@ -11,6 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import falcon_svc
 from falcon_svc.resources.openapi import SPEC_FILE, load_spec_bytes
@@ -26,8 +27,14 @@ schema = schemathesis.openapi.from_path(Path(falcon_svc.__file__).parent / SPEC_
 @schema.parametrize()
 @settings(max_examples=40, suppress_health_check=list(HealthCheck), deadline=None)
 def test_api_conforms_to_its_openapi_spec(case, app: falcon.App):
-    """Every generated request (valid and not) gets a documented status and a body matching its schema."""
-    case.call_and_validate(app=app)
+    """Every generated request (valid and not) gets a documented status and a body matching its schema.
+
+    NOTE: "schema-valid data is accepted" is left out on purpose: a text must be
+    non-blank and at most 5,000 characters *after NFKC normalisation*, which JSON
+    Schema cannot say (NFKC can lengthen a text, and Unicode's whitespace is wider
+    than ECMA's \\S); such texts get the documented 422 instead.
+    """
+    case.call_and_validate(app=app, excluded_checks=[positive_data_acceptance])
 
 
 def test_every_route_is_documented(app: falcon.App):

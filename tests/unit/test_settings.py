@@ -1,10 +1,14 @@
 """Settings: defaults, parsing, and one clear message for each bad value."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from falcon_svc.settings import Settings, SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_without_environment():
@@ -55,3 +59,9 @@ def test_blank_value_means_default():
 def test_bad_values_name_the_key(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         Settings.from_env(env)
+
+
+def test_every_setting_is_documented_in_env_example():
+    documented = set(re.findall(r"^#?\s*([A-Z_]+)=", (REPO_ROOT / ".env.example").read_text(), re.MULTILINE))
+    keys = {field.name.upper() for field in dataclasses.fields(Settings)}
+    assert keys <= documented, f"undocumented in .env.example: {sorted(keys - documented)}"

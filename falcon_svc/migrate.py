@@ -1,0 +1,108 @@
+"""Apply the versioned SQL migrations in ``falcon_svc/migrations/`` to PostgreSQL.
+
+Each file ``NNNN_name.sql`` is one version, applied once, in version order, in its
+own transaction together with its row in ``schema_migrations``: a failed
+migration leaves neither half-applied DDL nor a record claiming it ran.
+A session-level advisory lock serialises concurrent runs (two hosts deploying at
+once, ``falcon-svc migrate`` racing a worker), so running it twice, or twice at
+the same time, is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+logger = logging.getLogger(__name__)
+
+# NOTE: one fixed key for every falcon-svc database; pg_advisory_lock takes a bigint.
+ADVISORY_LOCK_KEY = 0x66616C636F6E  # "falcon"
+_FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+_CONNECT_TIMEOUT_SECONDS = 10
+
+
+class MigrationError(RuntimeError):
+    """The migrations directory is inconsistent or a migration failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One SQL file: its version (``"0001"``), name and statements."""
+
+    version: str
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """Return the packaged migrations in version order.
+
+    Raises:
+        MigrationError: two files share a version, or a ``.sql`` file is misnamed.
+    """
+    directory = resources.files("falcon_svc").joinpath("migrations")
+    found: dict[str, Migration] = {}
+    for entry in directory.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _FILE_NAME.match(entry.name)
+        if match is None:
+            raise MigrationError(f"migration file {entry.name!r} is not named NNNN_name.sql")
+        version = match["version"]
+        if version in found:
+            raise MigrationError(f"migration version {version} appears twice ({found[version].name}, {match['name']})")
+        found[version] = Migration(version, match["name"], entry.read_text(encoding="utf-8"))
+    return [found[version] for version in sorted(found)]
+
+
+def apply_migrations(dsn: str) -> list[str]:
+    """Apply every migration not yet recorded in ``schema_migrations``; return their versions.
+
+    Raises:
+        MigrationError: a migration failed (its transaction was rolled back).
+        psycopg.OperationalError: PostgreSQL cannot be reached.
+    """
+    migrations = load_migrations()
+    applied_now: list[str] = []
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS) as conn:
+        # NOTE: taken before reading schema_migrations, so a concurrent run waits
+        # here and then sees what the first one applied.
+        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY,"
+                " name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for migration in migrations:
+                if migration.version in done:
+                    continue
+                _apply_one(conn, migration)
+                applied_now.append(migration.version)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+    return applied_now
+
+
+def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
+    """Run one migration and record it, atomically."""
+    try:
+        with conn.transaction():
+            # NOTE: no parameters, so psycopg uses the simple query protocol and a
+            # file may hold several statements.
+            conn.execute(migration.sql.encode("utf-8"))
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as ex:
+        raise MigrationError(f"migration {migration.version}_{migration.name} failed: {ex}") from ex
+    logger.info("applied migration %s_%s", migration.version, migration.name)

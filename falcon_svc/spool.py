@@ -1,0 +1,387 @@
+"""Keep request-log rows on local disk while PostgreSQL cannot take them, and give them back later.
+
+The spool is a directory shared by every worker process of a host. Each process
+appends JSON lines to a file of its own, ``spool-<time_ns>-<pid>-<seq>.jsonl``,
+and holds an exclusive ``flock`` on it while it is active. A file nobody holds
+a lock on is finished: sealed by its owner, or left by a worker that died or was
+restarted. ``replay`` takes such files one at a time (locking them, so two
+processes never replay the same file at once), hands their rows to a writer in
+batches and deletes each file once all its rows are written. The writer must be
+idempotent (``ON CONFLICT DO NOTHING``): a replay interrupted half-way through a
+file is simply repeated.
+
+Durability: every append is one ``write(2)`` straight to the OS (no user-space
+buffer), so a crashed worker loses nothing; only the page cache stands between a
+row and the disk until ``seal``/``close`` fsyncs, which covers a process crash
+but not a power cut. A crash mid-write leaves a truncated last line, which replay
+skips and logs.
+
+The whole directory is bounded by ``max_bytes``: past it a row is dropped,
+counted (``falcon_request_log_rows_total{outcome="dropped"}``) and logged, at
+most once per ``drop_log_interval``. This is the only place a row is ever lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from falcon_svc import metrics
+
+logger = logging.getLogger(__name__)
+
+SPOOL_GLOB = "spool-*.jsonl"
+# NOTE: rows PostgreSQL rejects for their content are set aside here for an
+# operator, never replayed (they would fail again), but still count towards the bound.
+REJECTED_GLOB = "rejected-*.jsonl"
+# NOTE: a new file is created under this prefix, locked, then renamed into place,
+# so no replayer can ever see (and delete) an active file before it is locked.
+_NEW_PREFIX = ".new-"
+
+Record = dict[str, Any]
+
+
+class Spool:
+    """An append-only, size-bounded, multi-process store of JSON records in one directory.
+
+    Thread-safe within a process: request threads (queue full) and the log
+    writer append concurrently.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        refresh_interval: float = 1.0,
+        drop_log_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._refresh_interval = refresh_interval
+        self._drop_log_interval = drop_log_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._pid = os.getpid()
+        self._seq = 0
+        # NOTE: other processes' appends are only seen at the next directory scan,
+        # so the bound can be overshot by what the other workers append within one
+        # refresh_interval; our own appends are counted at once.
+        self._scanned_bytes = 0
+        self._appended_since_scan = 0
+        self._scanned_at: float | None = None
+        self._drops_unlogged = 0
+        self._drop_logged_at: float | None = None
+
+    # --- appending --------------------------------------------------------------
+
+    def append(self, records: Sequence[Mapping[str, Any]]) -> int:
+        """Store ``records`` as JSON lines; return how many were stored.
+
+        Never raises: a record that cannot be encoded or does not fit is dropped,
+        counted and logged, because the caller is the request path or the writer
+        of last resort and has nowhere else to put it.
+        """
+        lines: list[bytes] = []
+        for record in records:
+            try:
+                lines.append(json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n")
+            except (TypeError, ValueError) as ex:
+                logger.error("request-log row cannot be spooled (dropped): %s", ex)
+                self._count_dropped(1, "unencodable")
+        if not lines:
+            return 0
+        with self._lock:
+            fitting = self._take_fitting(lines)
+            stored, broken = self._write_lines(fitting) if fitting else (0, None)
+            spool_bytes = self._scanned_bytes + self._appended_since_scan
+        if broken is not None:
+            _finish(*broken)
+        if stored:
+            metrics.LOG_ROWS.labels("spooled").inc(stored)
+        if stored < len(lines):
+            self._count_dropped(len(lines) - stored, "spool full" if len(fitting) < len(lines) else "write error")
+        metrics.LOG_SPOOL_BYTES.set(spool_bytes)
+        return stored
+
+    def _take_fitting(self, lines: list[bytes]) -> list[bytes]:
+        """Return the lines that fit under the directory bound (caller holds the lock)."""
+        self._refresh_size_locked(force=False)
+        used = self._scanned_bytes + self._appended_since_scan
+        fitting = []
+        for line in lines:
+            if used + len(line) <= self.max_bytes:
+                fitting.append(line)
+                used += len(line)
+        return fitting
+
+    def _write_lines(self, lines: list[bytes]) -> tuple[int, tuple[int, Path | None] | None]:
+        """Write whole lines to the active file in one syscall if possible.
+
+        Returns the number of lines written and, after a write error, the
+        detached file for the caller to finish outside the lock.
+        """
+        data = b"".join(lines)
+        written = 0
+        broken = None
+        try:
+            fd = self._active_fd()
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as ex:
+            # NOTE: seal so that a partial line can only ever be the file's last
+            # line, which replay recognises and skips.
+            logger.error("request-log spool write failed in %s: %s", self.directory, ex)
+            broken = self._detach_locked()
+        self._appended_since_scan += written
+        stored, offset = 0, 0
+        for line in lines:
+            offset += len(line)
+            if offset > written:
+                break
+            stored += 1
+        return stored, broken
+
+    def _active_fd(self) -> int:
+        if self._fd is not None and self._pid != os.getpid():
+            # NOTE: inherited across a fork: the lock belongs to the parent's file.
+            os.close(self._fd)
+            self._fd, self._path = None, None
+        if self._fd is None:
+            self._open_locked()
+        assert self._fd is not None
+        return self._fd
+
+    def _open_locked(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pid = os.getpid()
+        self._seq += 1
+        name = f"spool-{time.time_ns():020d}-{self._pid}-{self._seq:06d}.jsonl"
+        new_path = self.directory / f"{_NEW_PREFIX}{name}"
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new_path, self.directory / name)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                new_path.unlink()
+            raise
+        self._fd, self._path = fd, self.directory / name
+
+    # --- sealing ----------------------------------------------------------------
+
+    def seal(self) -> None:
+        """Finish the active file (fsync, unlock) so it can be replayed; the next append starts a new one."""
+        with self._lock:
+            detached = self._detach_locked()
+        if detached is not None:
+            # NOTE: fsync outside the lock: request threads appending must not wait for the disk.
+            _finish(*detached)
+
+    def close(self) -> None:
+        """Seal the active file: called on shutdown so the next start (or another worker) replays it."""
+        self.seal()
+
+    def _detach_locked(self) -> tuple[int, Path | None] | None:
+        fd, path = self._fd, self._path
+        self._fd, self._path = None, None
+        if fd is None:
+            return None
+        if self._pid != os.getpid():
+            os.close(fd)
+            return None
+        return fd, path
+
+    # --- size -------------------------------------------------------------------
+
+    def size_bytes(self, *, refresh: bool = False) -> int:
+        """Return the bytes spooled in the whole directory (every process), as of the last scan."""
+        with self._lock:
+            self._refresh_size_locked(force=refresh)
+            size = self._scanned_bytes + self._appended_since_scan
+        metrics.LOG_SPOOL_BYTES.set(size)
+        return size
+
+    def _refresh_size_locked(self, *, force: bool) -> None:
+        now = self._clock()
+        if not force and self._scanned_at is not None and now - self._scanned_at < self._refresh_interval:
+            return
+        total = 0
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".jsonl"):
+                        with contextlib.suppress(FileNotFoundError):
+                            total += entry.stat().st_size
+        except FileNotFoundError:
+            pass  # NOTE: nothing spooled yet; the directory is made on first append
+        except OSError as ex:
+            # NOTE: keep the last known size; the append that follows reports the real failure.
+            logger.debug("cannot scan request-log spool %s: %s", self.directory, ex)
+            return
+        self._scanned_bytes, self._appended_since_scan, self._scanned_at = total, 0, now
+
+    # --- replay -----------------------------------------------------------------
+
+    def replay(
+        self,
+        write: Callable[[list[Record]], None],
+        *,
+        batch_size: int,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Seal our file, then feed every unlocked spool file to ``write`` in batches, oldest first.
+
+        A file is deleted only after ``write`` returned for all its rows. An
+        exception from ``write`` stops the replay and propagates; the file stays
+        and is replayed again (from its start) next time.
+
+        Returns:
+            The number of rows handed to ``write`` and written.
+        """
+        self.seal()
+        replayed = 0
+        try:
+            for path in sorted(self.directory.glob(SPOOL_GLOB)):
+                if should_stop():
+                    break
+                replayed += self._replay_file(path, write, batch_size, should_stop)
+            self._remove_abandoned_new_files()
+        finally:
+            self.size_bytes(refresh=True)
+        return replayed
+
+    def _replay_file(
+        self,
+        path: Path,
+        write: Callable[[list[Record]], None],
+        batch_size: int,
+        should_stop: Callable[[], bool],
+    ) -> int:
+        fd = _lock_existing(path)
+        if fd is None:
+            return 0
+        replayed = 0
+        bad_lines = 0
+        with os.fdopen(fd, "rb") as handle:  # NOTE: closing releases the lock, after the unlink
+            batch: list[Record] = []
+            for number, line in enumerate(handle, start=1):
+                record = _decode(path, number, line)
+                if record is None:
+                    bad_lines += 1
+                    continue
+                batch.append(record)
+                if len(batch) >= batch_size:
+                    write(batch)
+                    replayed += len(batch)
+                    batch = []
+                    if should_stop():
+                        return replayed
+            if batch:
+                write(batch)
+                replayed += len(batch)
+            path.unlink(missing_ok=True)
+        if bad_lines:
+            self._count_dropped(bad_lines, f"unreadable lines in {path.name}")
+        logger.info("replayed %d request-log rows from %s", replayed, path.name)
+        return replayed
+
+    def _remove_abandoned_new_files(self) -> None:
+        """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
+        for path in self.directory.glob(f"{_NEW_PREFIX}{SPOOL_GLOB}"):
+            fd = _lock_existing(path)
+            if fd is not None:
+                path.unlink(missing_ok=True)
+                os.close(fd)
+
+    def reject(self, records: Sequence[Mapping[str, Any]], reason: str) -> None:
+        """Set aside rows PostgreSQL refused for their content: kept on disk for an operator, counted as dropped."""
+        if not records:
+            return
+        path = self.directory / f"rejected-{time.time_ns():020d}-{os.getpid()}.jsonl"
+        data = b"".join(json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n" for record in records)
+        try:
+            with path.open("ab") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as ex:
+            logger.error("cannot write rejected request-log rows to %s: %s", path, ex)
+        self._count_dropped(len(records), f"rejected by PostgreSQL, kept in {path.name}: {reason}")
+
+    # --- drops ------------------------------------------------------------------
+
+    def _count_dropped(self, count: int, reason: str) -> None:
+        metrics.LOG_ROWS.labels("dropped").inc(count)
+        with self._lock:
+            self._drops_unlogged += count
+            now = self._clock()
+            if self._drop_logged_at is not None and now - self._drop_logged_at < self._drop_log_interval:
+                return
+            count, self._drops_unlogged, self._drop_logged_at = self._drops_unlogged, 0, now
+        logger.error(
+            "dropped %d request-log rows (%s; spool %s, limit %d bytes)",
+            count,
+            reason,
+            self.directory,
+            self.max_bytes,
+            extra={"dropped_rows": count, "reason": reason},
+        )
+
+
+def _finish(fd: int, path: Path | None) -> None:
+    """Sync and close a detached spool file (deleting it if empty); closing releases its lock."""
+    try:
+        if os.fstat(fd).st_size == 0 and path is not None:
+            path.unlink(missing_ok=True)
+        else:
+            os.fsync(fd)
+    except OSError as ex:
+        logger.error("request-log spool file %s could not be synced: %s", path, ex)
+    finally:
+        os.close(fd)
+
+
+def _lock_existing(path: Path) -> int | None:
+    """Open and exclusively lock ``path`` without waiting; None if it is held or gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # NOTE: another replayer may have deleted the file between our open and
+        # our lock; then we hold a lock on an orphan inode and must not replay it.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(path)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _decode(path: Path, number: int, line: bytes) -> Record | None:
+    if not line.endswith(b"\n"):
+        logger.warning("skipping truncated last line %d of %s (a crash mid-write)", number, path.name)
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        logger.error("skipping unreadable line %d of %s", number, path.name)
+        return None
+    if not isinstance(record, dict):
+        logger.error("skipping line %d of %s: not a JSON object", number, path.name)
+        return None
+    return record

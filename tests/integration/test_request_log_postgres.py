@@ -1,0 +1,399 @@
+"""The request log against a real PostgreSQL: migrations, batches, outages, restarts, a full spool, a locked table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+from servers import PostgresServer
+
+from falcon_svc.migrate import apply_migrations
+from falcon_svc.requestlog import LogRow, RequestLog
+from falcon_svc.resilience import CircuitBreaker, RetryPolicy
+from falcon_svc.spool import REJECTED_GLOB, SPOOL_GLOB, Spool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    # NOTE: the cluster runs as the postgres user, which cannot enter pytest's
+    # root-only (0700) tmp dirs; so it lives in a traversable dir of its own.
+    base = Path(tempfile.mkdtemp(prefix="falcon-pg-"))
+    base.chmod(0o755)
+    (base / "pg").mkdir()
+    server = PostgresServer(base / "pg")
+    server.init()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def migrated(postgres: PostgresServer) -> str:
+    apply_migrations(postgres.dsn)
+    return postgres.dsn
+
+
+@pytest.fixture
+def dsn(migrated: str) -> str:
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("TRUNCATE request_log")
+    return migrated
+
+
+@pytest.fixture
+def fresh_dsn(postgres: PostgresServer) -> str:
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextlib.contextmanager
+def outage(postgres: PostgresServer) -> Iterator[Callable[[], None]]:
+    """Stop PostgreSQL like a crash; yield a function that brings it back; make sure it is back after."""
+    postgres.stop("immediate")
+    running = False
+
+    def restart() -> None:
+        nonlocal running
+        postgres.start()
+        running = True
+
+    try:
+        yield restart
+    finally:
+        if not running:
+            postgres.start()
+
+
+def make_row(i: int, run: str) -> LogRow:
+    return LogRow(
+        request_id=f"{run}-{i}",
+        received_at=time.time(),
+        route="/v1/infer",
+        method="POST",
+        status=200 if i % 10 else 422,
+        worker_id="test:1",
+        model_version="v1",
+        label="positive" if i % 10 else None,
+        confidence=0.875 if i % 10 else None,
+        n_texts=1,
+        cache_hit=i % 2 == 0,
+        idempotent_replay=False,
+        latency_ms=1.25,
+        text_length=11,
+        text_sha256="a" * 64,
+        text="hello\tworld",
+    )
+
+
+def make_log(dsn: str, spool: Spool, **overrides) -> RequestLog:
+    """A request log with short timeouts so outages play out in seconds."""
+    params = {
+        "buffer_max": 100,
+        "batch_size": 50,
+        "flush_interval": 0.05,
+        "replay_interval": 0.2,
+        "pool_timeout": 0.3,
+        "reconnect_timeout": 1.0,
+    }
+    params.update(overrides)
+    return RequestLog(
+        dsn,
+        spool,
+        CircuitBreaker("postgres", failure_threshold=2, reset_timeout=0.5),
+        RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),
+        **params,
+    )
+
+
+def counts(dsn: str) -> tuple[int, int]:
+    """Return (rows, distinct request ids) in request_log."""
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT request_id) FROM request_log").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {within} s waiting until {what}")
+
+
+def spooled_ids(directory: Path) -> list[str]:
+    """Read the request ids in the spool files as they are on disk."""
+    ids = []
+    for path in sorted(directory.glob(SPOOL_GLOB)):
+        ids.extend(json.loads(line)["request_id"] for line in path.read_bytes().splitlines())
+    return ids
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+# --- migrations -------------------------------------------------------------------
+
+
+def test_migrations_apply_once_and_create_the_table_and_indexes(fresh_dsn: str) -> None:
+    assert apply_migrations(fresh_dsn) == ["0001"]
+    assert apply_migrations(fresh_dsn) == [], "a second run must apply nothing"
+
+    with psycopg.connect(fresh_dsn) as conn:
+        versions = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+        indexes = {row[0] for row in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'request_log'")}
+        columns = dict(
+            conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'request_log'"
+            ).fetchall()
+        )
+    assert versions == [("0001", "request_log")]
+    assert any("(received_at)" in index for index in indexes), indexes
+    assert any("(status, received_at)" in index for index in indexes), indexes
+    assert any("(model_version" in index for index in indexes), indexes
+    assert columns["received_at"] == "timestamp with time zone"
+    assert columns["status"] == "smallint"
+    assert columns["confidence"] == "double precision"
+    assert len(columns) == 16
+
+
+def test_concurrent_migration_runs_apply_each_version_once(fresh_dsn: str) -> None:
+    barrier = threading.Barrier(3)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(apply_migrations(fresh_dsn))
+        except BaseException as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert sorted(results) == [[], [], ["0001"]], "exactly one run should apply 0001"
+
+
+# --- writing ----------------------------------------------------------------------
+
+
+def test_rows_are_written_in_batches_with_their_values(dsn: str, tmp_path: Path) -> None:
+    batches_before = sample("falcon_request_log_batch_duration_seconds_count")
+    written_before = sample("falcon_request_log_rows_total", {"outcome": "written"})
+    spool = Spool(tmp_path / "spool", max_bytes=10**7)
+    log = make_log(dsn, spool, buffer_max=1000, flush_interval=0.2)
+    log.start()
+    rows = [make_row(i, "batch") for i in range(500)]
+    try:
+        for row in rows:
+            log.submit(row)
+        wait_until(lambda: counts(dsn)[0] == 500, 15, "500 rows are in request_log")
+        assert log.status()["postgres"] == "up"
+    finally:
+        log.close(timeout=5)
+
+    batches = sample("falcon_request_log_batch_duration_seconds_count") - batches_before
+    assert 10 <= batches <= 100, f"500 rows in batches of up to 50 took {batches} batches"
+    assert sample("falcon_request_log_rows_total", {"outcome": "written"}) - written_before == 500
+    assert spooled_ids(spool.directory) == []
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute(
+            "SELECT received_at, route, method, status, label, confidence, cache_hit, text FROM request_log"
+            " WHERE request_id = %s",
+            (rows[0].request_id,),
+        ).fetchone()
+    assert stored is not None
+    assert abs((stored[0] - datetime.fromtimestamp(rows[0].received_at, UTC)).total_seconds()) < 1e-5
+    assert stored[1:] == ("/v1/infer", "POST", 422, None, None, True, None), "the raw text is off by default"
+
+
+def test_raw_text_is_stored_only_when_enabled(dsn: str, tmp_path: Path) -> None:
+    log = make_log(dsn, Spool(tmp_path / "spool", max_bytes=10**7), log_text=True)
+    log.start()
+    row = make_row(1, "text")
+    row.text = "tab\tnewline\nnul\x00end"
+    try:
+        log.submit(row)
+        wait_until(lambda: counts(dsn)[0] == 1, 10, "the row is written")
+    finally:
+        log.close(timeout=5)
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT text FROM request_log").fetchone()
+    assert stored == ("tab\tnewline\nnul\ufffdend",), "NUL (rejected by PostgreSQL) is replaced, the rest kept"
+
+
+# --- outages ----------------------------------------------------------------------
+
+
+def test_an_outage_queues_then_spools_then_replays_every_row_once(
+    postgres: PostgresServer, dsn: str, tmp_path: Path
+) -> None:
+    spooled_before = sample("falcon_request_log_rows_total", {"outcome": "spooled"})
+    replayed_before = sample("falcon_request_log_rows_total", {"outcome": "replayed"})
+    spool = Spool(tmp_path / "spool", max_bytes=10**7, refresh_interval=0.1)
+    log = make_log(dsn, spool, buffer_max=50)
+    log.start()
+    try:
+        for i in range(100):
+            log.submit(make_row(i, "outage"))
+        wait_until(lambda: counts(dsn)[0] == 100, 10, "the rows before the outage are written")
+
+        with outage(postgres) as restart:
+            for i in range(100, 400):
+                log.submit(make_row(i, "outage"))
+                time.sleep(0.005)
+            wait_until(lambda: log.status()["postgres"] == "circuit_open", 15, "the breaker opens")
+            status = log.status()
+            assert status["spool_bytes"] > 0, f"rows should be spooled during the outage: {status}"
+            assert sample("falcon_request_log_rows_total", {"outcome": "spooled"}) > spooled_before
+            restart()
+
+        wait_until(lambda: counts(dsn)[0] >= 400, 30, "every row is in request_log after the outage")
+        assert counts(dsn) == (400, 400), "every request_id exactly once"
+        assert list(spool.directory.glob(REJECTED_GLOB)) == []
+        wait_until(lambda: log.status()["spool_bytes"] == 0, 10, "the spool is empty again")
+        assert log.status()["postgres"] == "up"
+        assert sample("falcon_request_log_rows_total", {"outcome": "replayed"}) > replayed_before
+    finally:
+        log.close(timeout=5)
+
+
+def test_close_during_an_outage_spools_everything_for_the_next_worker(
+    postgres: PostgresServer, dsn: str, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    old_worker = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    old_worker.start()
+    with outage(postgres) as restart:
+        for i in range(200):
+            old_worker.submit(make_row(i, "restart"))
+        started = time.monotonic()
+        old_worker.close(timeout=1.0)
+        assert time.monotonic() - started < 5, "close must respect its timeout while PostgreSQL is down"
+
+        on_disk = spooled_ids(spool_dir)
+        assert sorted(on_disk) == sorted(f"restart-{i}" for i in range(200)), "close must spool every row"
+        # NOTE: a copy of a spool file is what an interrupted, repeated replay looks
+        # like to PostgreSQL: the same rows twice. They must still land once.
+        first = sorted(spool_dir.glob(SPOOL_GLOB))[0]
+        shutil.copy(first, spool_dir / (first.stem + "-copy.jsonl"))
+        restart()
+
+    new_worker = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    new_worker.start()
+    try:
+        wait_until(lambda: counts(dsn)[0] >= 200, 20, "the new worker replays the old worker's spool")
+        wait_until(lambda: list(spool_dir.glob(SPOOL_GLOB)) == [], 10, "replayed files are deleted")
+        assert counts(dsn) == (200, 200), "every request_id exactly once, duplicates in the spool included"
+        assert list(spool_dir.glob(REJECTED_GLOB)) == [], "duplicates are not errors: nothing may be set aside"
+    finally:
+        new_worker.close(timeout=5)
+
+
+def test_a_full_spool_drops_and_counts_rows_and_loses_nothing_else(
+    postgres: PostgresServer, dsn: str, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    dropped_before = sample("falcon_request_log_rows_total", {"outcome": "dropped"})
+    log = make_log(dsn, Spool(spool_dir, max_bytes=20_000, refresh_interval=0), buffer_max=10)
+    log.start()
+    with outage(postgres) as restart:
+        for i in range(300):
+            log.submit(make_row(i, "full"))
+        log.close(timeout=1.0)
+        dropped = sample("falcon_request_log_rows_total", {"outcome": "dropped"}) - dropped_before
+        kept = spooled_ids(spool_dir)
+        restart()
+
+    assert dropped > 0, "the spool bound should have been hit"
+    assert kept, "rows under the bound should be kept"
+    assert len(kept) + dropped == 300, f"{len(kept)} kept + {dropped} dropped should be every row submitted"
+    assert sum(path.stat().st_size for path in spool_dir.glob(SPOOL_GLOB)) <= 20_000
+
+    replayer = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    replayer.start()
+    try:
+        wait_until(lambda: counts(dsn)[0] >= len(kept), 20, "the kept rows are replayed")
+        with psycopg.connect(dsn) as conn:
+            stored = {row[0] for row in conn.execute("SELECT request_id FROM request_log")}
+        assert stored == set(kept), "exactly the spooled rows land, once each"
+    finally:
+        replayer.close(timeout=5)
+
+
+def test_a_locked_table_never_blocks_submit_and_rows_land_after_the_lock(dsn: str, tmp_path: Path) -> None:
+    log = make_log(dsn, Spool(tmp_path / "spool", max_bytes=10**7), buffer_max=100)
+    log.start()
+    locker = psycopg.connect(dsn)
+    observer = psycopg.connect(dsn, autocommit=True)
+    try:
+        locker.execute("LOCK TABLE request_log IN ACCESS EXCLUSIVE MODE")
+        slowest = 0.0
+        for i in range(300):
+            started = time.perf_counter()
+            log.submit(make_row(i, "locked"))
+            slowest = max(slowest, time.perf_counter() - started)
+
+        def writer_is_blocked() -> bool:
+            row = observer.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'falcon-svc request log' AND wait_event_type = 'Lock'"
+            ).fetchone()
+            return row is not None and row[0] > 0
+
+        wait_until(writer_is_blocked, 10, "the writer waits on the table lock")
+        assert slowest < 0.1, f"submit must not wait for PostgreSQL (slowest call {slowest * 1000:.1f} ms)"
+        assert log.status()["spool_bytes"] > 0, "rows past the queue bound should be spooled while blocked"
+        time.sleep(1.0)  # the lock is still held: nothing can have landed yet
+        locker.rollback()
+
+        wait_until(lambda: counts(dsn)[0] >= 300, 20, "every row lands after the lock is released")
+        assert counts(dsn) == (300, 300)
+    finally:
+        locker.close()
+        observer.close()
+        log.close(timeout=5)
+
+
+def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: str, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    good = [{"request_id": f"good-{i}", "received_at": time.time(), "status": 200} for i in range(5)]
+    poison = {"request_id": "poison", "received_at": None, "status": 200}  # violates NOT NULL
+    lines = [json.dumps(record) for record in [*good[:2], poison, *good[2:]]]
+    (spool_dir / "spool-00000000000000000001-1-000001.jsonl").write_text("\n".join(lines) + "\n")
+
+    log = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    log.start()
+    try:
+        wait_until(lambda: list(spool_dir.glob(SPOOL_GLOB)) == [], 10, "the spool file is replayed and deleted")
+    finally:
+        log.close(timeout=5)
+    with psycopg.connect(dsn) as conn:
+        stored = {row[0] for row in conn.execute("SELECT request_id FROM request_log")}
+    assert stored == {record["request_id"] for record in good}
+    (rejected,) = spool_dir.glob(REJECTED_GLOB)
+    assert json.loads(rejected.read_text())["request_id"] == "poison", "the bad row is kept for an operator"

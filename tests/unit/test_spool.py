@@ -1,0 +1,243 @@
+"""The on-disk spool: ordering, the size bound, crash leftovers and files of other processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from falcon_svc.spool import REJECTED_GLOB, SPOOL_GLOB, Spool
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows_total(outcome: str) -> float:
+    return REGISTRY.get_sample_value("falcon_request_log_rows_total", {"outcome": outcome}) or 0.0
+
+
+def records(start: int, stop: int) -> list[dict]:
+    return [{"request_id": f"r{i}", "n": i} for i in range(start, stop)]
+
+
+class Collector:
+    """A writer that remembers every batch it was given."""
+
+    def __init__(self, fail_on_batch: int | None = None) -> None:
+        self.batches: list[list[dict]] = []
+        self._fail_on = fail_on_batch
+
+    def __call__(self, batch: list[dict]) -> None:
+        if self._fail_on is not None and len(self.batches) == self._fail_on:
+            self._fail_on = None
+            raise ConnectionError("database went away")
+        self.batches.append(list(batch))
+
+    @property
+    def ids(self) -> list[str]:
+        return [record["request_id"] for batch in self.batches for record in batch]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool", max_bytes=10**6, refresh_interval=0)
+
+
+def test_replay_returns_rows_in_append_order_across_sealed_files(spool: Spool) -> None:
+    assert spool.append(records(0, 3)) == 3
+    spool.seal()
+    assert spool.append(records(3, 5)) == 2
+    assert len(list(spool.directory.glob(SPOOL_GLOB))) == 2, "seal should start a new file"
+
+    writer = Collector()
+    assert spool.replay(writer, batch_size=2) == 5
+
+    assert writer.ids == [f"r{i}" for i in range(5)], "rows should come back oldest file first, in order"
+    assert all(len(batch) <= 2 for batch in writer.batches), "batches should respect batch_size"
+    assert list(spool.directory.iterdir()) == [], "replayed files should be deleted"
+    assert spool.size_bytes(refresh=True) == 0
+
+
+def test_appends_after_replay_go_to_a_new_file(spool: Spool) -> None:
+    spool.append(records(0, 2))
+    spool.replay(Collector(), batch_size=10)
+    spool.append(records(2, 3))
+
+    writer = Collector()
+    spool.replay(writer, batch_size=10)
+    assert writer.ids == ["r2"]
+
+
+def test_failed_replay_keeps_the_file_and_repeats_it_from_the_start(spool: Spool) -> None:
+    spool.append(records(0, 6))
+    failing = Collector(fail_on_batch=1)
+    with pytest.raises(ConnectionError):
+        spool.replay(failing, batch_size=2)
+    assert failing.ids == ["r0", "r1"]
+    assert len(list(spool.directory.glob(SPOOL_GLOB))) == 1, "an interrupted file must stay for the next replay"
+
+    again = Collector()
+    assert spool.replay(again, batch_size=2) == 6
+    assert again.ids == [f"r{i}" for i in range(6)], "the whole file is replayed again (the writer dedups)"
+
+
+def test_stop_request_leaves_the_file_for_later(spool: Spool) -> None:
+    spool.append(records(0, 4))
+    writer = Collector()
+    spool.replay(writer, batch_size=2, should_stop=lambda: len(writer.batches) >= 1)
+    assert writer.ids == ["r0", "r1"]
+    assert len(list(spool.directory.glob(SPOOL_GLOB))) == 1
+
+
+def test_rows_past_the_size_bound_are_dropped_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    line_bytes = len(b'{"request_id":"r0","n":0}\n')
+    spool = Spool(tmp_path / "spool", max_bytes=3 * line_bytes, refresh_interval=0, drop_log_interval=60, clock=clock)
+    dropped_before, spooled_before = rows_total("dropped"), rows_total("spooled")
+
+    with caplog.at_level(logging.ERROR, logger="falcon_svc.spool"):
+        stored = spool.append(records(0, 5))
+        assert spool.append(records(5, 7)) == 0
+        drop_lines_before_interval = sum("dropped" in r.getMessage() for r in caplog.records)
+        clock.now += 61
+        spool.append(records(7, 8))
+
+    assert stored == 3
+    assert rows_total("dropped") - dropped_before == 5, "every row past the bound is counted"
+    assert rows_total("spooled") - spooled_before == 3
+    assert drop_lines_before_interval == 1, "drop log lines should be rate-limited"
+    assert sum("dropped" in r.getMessage() for r in caplog.records) == 2, "a new interval logs again"
+    assert spool.size_bytes(refresh=True) <= spool.max_bytes
+
+    writer = Collector()
+    spool.replay(writer, batch_size=10)
+    assert writer.ids == ["r0", "r1", "r2"], "stored rows survive; only the overflow is lost"
+
+
+def test_replay_frees_room_for_new_rows(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=200, refresh_interval=0)
+    spool.append(records(0, 20))
+    assert spool.append(records(20, 21)) == 0
+    spool.replay(Collector(), batch_size=100)
+    assert spool.append(records(21, 22)) == 1
+
+
+def test_a_truncated_last_line_is_skipped_and_logged(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    spool.directory.mkdir(parents=True)
+    crashed = spool.directory / "spool-00000000000000000001-999999-000001.jsonl"
+    crashed.write_bytes(b'{"request_id":"a"}\n{"request_id":"b"}\n{"request_id":"c","n')
+    dropped_before = rows_total("dropped")
+
+    writer = Collector()
+    with caplog.at_level(logging.WARNING, logger="falcon_svc.spool"):
+        assert spool.replay(writer, batch_size=10) == 2
+
+    assert writer.ids == ["a", "b"]
+    assert any("truncated last line 3" in r.getMessage() for r in caplog.records), "the skipped line is logged"
+    assert rows_total("dropped") - dropped_before == 1
+    assert not crashed.exists()
+
+
+def test_records_that_cannot_be_encoded_are_dropped_not_raised(spool: Spool) -> None:
+    dropped_before = rows_total("dropped")
+    assert spool.append([{"request_id": "x", "bad": object()}, {"request_id": "y"}]) == 1
+    assert rows_total("dropped") - dropped_before == 1
+
+
+def test_an_unwritable_directory_drops_rows_instead_of_raising(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    spool = Spool(blocker / "spool", max_bytes=10**6, refresh_interval=0)
+    dropped_before = rows_total("dropped")
+    assert spool.append(records(0, 2)) == 0
+    assert rows_total("dropped") - dropped_before == 2
+
+
+def test_empty_files_are_not_left_behind(spool: Spool) -> None:
+    spool.append(records(0, 1))
+    spool.replay(Collector(), batch_size=10)
+    spool.seal()
+    spool.close()
+    assert list(spool.directory.iterdir()) == []
+
+
+def test_an_abandoned_new_file_is_cleaned_up(spool: Spool) -> None:
+    spool.directory.mkdir(parents=True)
+    leftover = spool.directory / ".new-spool-00000000000000000001-999999-000001.jsonl"
+    leftover.write_bytes(b"")
+    spool.replay(Collector(), batch_size=10)
+    assert not leftover.exists()
+
+
+OTHER_WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from falcon_svc.spool import Spool
+
+    spool = Spool(Path(sys.argv[1]), max_bytes=10**6, refresh_interval=0)
+    spool.append([{"request_id": f"other{i}"} for i in range(3)])
+    print("ready", flush=True)
+    sys.stdin.read()  # hold the file (and its lock) until killed
+    """
+)
+
+
+def test_a_live_process_file_is_left_alone_and_a_dead_ones_is_replayed(spool: Spool) -> None:
+    spool.directory.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_WORKER, str(spool.directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == b"ready"
+        spool.append(records(0, 2))
+
+        assert spool.size_bytes(refresh=True) > len(b'{"request_id":"r0","n":0}\n') * 2, (
+            "the bound should count the other process's file too"
+        )
+        writer = Collector()
+        spool.replay(writer, batch_size=10)
+        assert writer.ids == ["r0", "r1"], "a file locked by a live process must not be replayed"
+        assert len(list(spool.directory.glob(SPOOL_GLOB))) == 1, "the live process's file stays"
+    finally:
+        other.kill()  # a crash: no seal, no fsync
+        other.wait(timeout=10)
+
+    writer = Collector()
+    spool.replay(writer, batch_size=10)
+    assert writer.ids == ["other0", "other1", "other2"], "a dead worker's file is replayed"
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+
+
+def test_rejected_rows_are_kept_aside_counted_and_never_replayed(spool: Spool) -> None:
+    spool.directory.mkdir(parents=True)
+    dropped_before = rows_total("dropped")
+    spool.reject(records(0, 2), reason="DataError: bad value")
+
+    (rejected,) = spool.directory.glob(REJECTED_GLOB)
+    assert len(rejected.read_bytes().splitlines()) == 2
+    assert rows_total("dropped") - dropped_before == 2
+    writer = Collector()
+    spool.replay(writer, batch_size=10)
+    assert writer.ids == [], "rejected rows would only fail again"
+    assert spool.size_bytes(refresh=True) == rejected.stat().st_size, "they still count towards the bound"
