@@ -53,9 +53,10 @@ test: $(STAMP) model  ## Run lint and the whole test suite
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba, HTTP with wrk
+bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path
 	$(PY) scripts/bench_model.py --model-dir $(MODEL_DIR)
 	bash scripts/bench_http.sh
+	$(PY) scripts/bench_full.py
 
 clean:  ## Remove the venv, the model and caches
 	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -145,9 +145,12 @@ def get_app() -> falcon.App:
     )
     deps = Dependencies()
     build_redis_dependencies(settings, model.version, deps)
-    build_request_log(settings, deps)
-    deps.request_log.start()
-    # NOTE: the drain budget is gunicorn's graceful_timeout, shared with the
-    # in-flight requests; the flush gets half of it, and spools what is left.
-    LIFECYCLE.on_exit(lambda: deps.close(settings.graceful_shutdown_timeout_seconds / 2))
+    if settings.request_log_enabled:
+        build_request_log(settings, deps)
+        deps.request_log.start()
+        # NOTE: the drain budget is gunicorn's graceful_timeout, shared with the
+        # in-flight requests; the flush gets half of it, and spools what is left.
+        LIFECYCLE.on_exit(lambda: deps.close(settings.graceful_shutdown_timeout_seconds / 2))
+    else:
+        logger.warning("request log disabled (REQUEST_LOG_ENABLED=false): no request_log rows are written")
     return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE)

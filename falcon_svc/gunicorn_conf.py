@@ -68,6 +68,12 @@ limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
 
+# --- Control socket ------------------------------------------------------------
+# gunicorn 27's control socket defaults to one path in $HOME, which several
+# instances (falcon-worker@8001, @8002, ...) would fight over; systemctl and
+# signals are the operator's tools here.
+control_socket_disable = True
+
 # --- Logging ---------------------------------------------------------------
 # Our middleware writes one JSON line per request, so gunicorn's access log is
 # off; gunicorn's own messages go to stdout as JSON too, for journald.

@@ -74,3 +74,6 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # NOTE: psycopg's pool warns on every reconnect attempt; during an outage
+    # that buries the journal, and the breaker already logs each transition once.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

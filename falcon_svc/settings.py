@@ -61,6 +61,7 @@ class Settings:
     idempotency_ttl_seconds: int = 86_400
     idempotency_lock_seconds: int = 30
     # PostgreSQL: the request log
+    request_log_enabled: bool = True
     database_url: str = "postgresql://falcon@127.0.0.1:5432/falcon"
     log_buffer_max: int = 1000
     log_batch_size: int = 200
@@ -122,6 +123,7 @@ class Settings:
             idempotency_lock_seconds=reader.integer(
                 "IDEMPOTENCY_LOCK_SECONDS", defaults.idempotency_lock_seconds, minimum=1, maximum=3600
             ),
+            request_log_enabled=reader.boolean("REQUEST_LOG_ENABLED", defaults.request_log_enabled),
             database_url=reader.text("DATABASE_URL", defaults.database_url),
             log_buffer_max=reader.integer("LOG_BUFFER_MAX", defaults.log_buffer_max, minimum=1, maximum=10**7),
             log_batch_size=reader.integer("LOG_BATCH_SIZE", defaults.log_batch_size, minimum=1, maximum=100_000),

@@ -1,0 +1,127 @@
+"""Benchmark the full request path (Redis cache + PostgreSQL request log) against the bare service.
+
+Usage: python scripts/bench_full.py [--duration 10] [--connections 8] [--worker-class meinheld]
+
+Starts a throw-away redis-server and PostgreSQL on free loopback ports, then runs
+2 gunicorn workers in three configurations side by side, each under wrk:
+
+- bare: no cache, no request log (the service of issue 2);
+- full, unique texts: every request misses the cache and is logged;
+- full, repeated text: every request hits the cache and is logged.
+
+Prints rps, p50/p99 and the cost the cache and log add per request, computed
+from throughput (1/rps is the per-request cost at saturation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # NOTE: reuse the test servers (loopback, free ports)
+
+from servers import PostgresServer, RedisServer, free_port  # noqa: E402
+
+from falcon_svc.migrate import apply_migrations  # noqa: E402
+
+LUA = REPO_ROOT / "scripts" / "bench" / "unique_texts.lua"
+
+
+def serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "falcon_svc.cli", "serve"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"service did not start: {log.read_text()[-2000:]}")
+
+
+def wrk(port: int, seconds: int, connections: int, repeat: bool) -> dict:
+    env = {**os.environ, "BENCH_REPEAT": "1" if repeat else "0"}
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(LUA), f"http://127.0.0.1:{port}"]
+    subprocess.run([*command[:3], "-d2s", *command[4:]], env=env, check=True, capture_output=True)  # warm-up
+    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--worker-class", default="meinheld")
+    parser.add_argument("--model-dir", default=str(REPO_ROOT / "models" / "sentiment"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="falcon-bench-"))
+    redis_server = RedisServer(work)
+    redis_server.start()
+    postgres = PostgresServer(work)
+    postgres.init()
+    apply_migrations(postgres.dsn)
+    base = {
+        **os.environ,
+        "WORKERS": "2",
+        "WORKER_CLASS": args.worker_class,
+        "MODEL_DIR": args.model_dir,
+        "LOG_LEVEL": "info",
+        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": postgres.dsn,
+        "LOG_SPOOL_DIR": str(work / "spool"),
+    }
+    configurations = [
+        ("bare (no cache, no log)", {"CACHE_ENABLED": "false", "REQUEST_LOG_ENABLED": "false"}, False),
+        ("full, unique texts (misses)", {}, False),
+        ("full, repeated text (hits)", {}, True),
+    ]
+    rows = []
+    try:
+        for label, extra, repeat in configurations:
+            port = free_port()
+            env = {**base, **extra, "BIND": f"127.0.0.1:{port}", "PROMETHEUS_MULTIPROC_DIR": str(work / f"m{port}")}
+            process = serve(env, port, work / f"{port}.log")
+            try:
+                rows.append((label, wrk(port, args.duration, args.connections, repeat)))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+            print(f"{label:30} {json.dumps(rows[-1][1])}", flush=True)
+        import psycopg
+
+        with psycopg.connect(postgres.dsn) as conn:
+            logged = conn.execute("SELECT count(*) FROM request_log").fetchone()[0]
+    finally:
+        redis_server.stop()
+        postgres.destroy()
+
+    print(f"\n{args.worker_class}, 2 workers, wrk -t1 -c{args.connections} -d{args.duration}s, POST /infer")
+    print(f"{'configuration':30} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'us/req':>8} {'non2xx':>7}")
+    for label, row in rows:
+        print(
+            f"{label:30} {row['rps']:9.1f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+            f"{1e6 / row['rps']:8.1f} {row['non2xx']:7d}"
+        )
+    bare, misses, hits = (row for _, row in rows)
+    print(f"\ncache + log add {bare['rps'] / misses['rps'] - 1:+.1%} per request on misses (target <= +30%)")
+    print(f"a cache hit costs {misses['rps'] / hits['rps']:.2f}x a miss (target < 1: cheaper than inference)")
+    full_requests = misses["requests"] + hits["requests"]
+    print(f"request_log rows: {logged} (the two full runs, warm-ups included, sent >= {full_requests})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
