@@ -109,6 +109,7 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
             model_version=model_version,
             ttl_seconds=settings.cache_ttl_seconds,
             local_items=settings.cache_local_items,
+            redis_min_chars=settings.cache_redis_min_chars,
         )
     deps.idempotency = IdempotencyStore(
         client,

@@ -84,15 +84,17 @@ class Classifier:
     def classify(self, texts: Sequence[str]) -> list[Result]:
         """Return one result per text, in order; the misses go to the model in one call."""
         digests = [text_digest(text) for text in texts]
+        cache = self._cache
+        use_redis = cache is not None and cache.worth_asking_redis(sum(len(text) for text in texts))
         cached: list[Prediction | None] = (
-            self._cache.get_many(digests) if self._cache is not None else [None] * len(texts)
+            cache.get_many(digests, use_redis=use_redis) if cache is not None else [None] * len(texts)
         )
         missing = [index for index, prediction in enumerate(cached) if prediction is None]
         fresh: list[Prediction] = []
         if missing:
             fresh = self._predict([texts[index] for index in missing])
-            if self._cache is not None:
-                self._cache.put_many([digests[index] for index in missing], fresh)
+            if cache is not None:
+                cache.put_many([digests[index] for index in missing], fresh, use_redis=use_redis)
         predictions = list(cached)
         for index, prediction in zip(missing, fresh, strict=True):
             predictions[index] = prediction

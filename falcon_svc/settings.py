@@ -58,6 +58,7 @@ class Settings:
     cache_enabled: bool = True
     cache_ttl_seconds: int = 3600
     cache_local_items: int = 10_000
+    cache_redis_min_chars: int = 256
     idempotency_ttl_seconds: int = 86_400
     idempotency_lock_seconds: int = 30
     # PostgreSQL: the request log
@@ -117,6 +118,9 @@ class Settings:
                 "CACHE_TTL_SECONDS", defaults.cache_ttl_seconds, minimum=1, maximum=30 * 86400
             ),
             cache_local_items=reader.integer("CACHE_LOCAL_ITEMS", defaults.cache_local_items, minimum=0, maximum=10**7),
+            cache_redis_min_chars=reader.integer(
+                "CACHE_REDIS_MIN_CHARS", defaults.cache_redis_min_chars, minimum=0, maximum=10**7
+            ),
             idempotency_ttl_seconds=reader.integer(
                 "IDEMPOTENCY_TTL_SECONDS", defaults.idempotency_ttl_seconds, minimum=1, maximum=30 * 86400
             ),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# HTTP benchmark: 2 gunicorn workers, wrk at 8 connections, unique texts.
+# HTTP benchmark of the bare service (no cache, no request log; see bench_full.py
+# for those): 2 gunicorn workers, wrk at 8 connections, unique texts.
 # Runs every worker class with the fast path on, and the default class with it
 # off, side by side in one run; prints one table. Loopback only, bounded.
 # Env: DURATION (s, default 10), CONNECTIONS (8), MODEL_DIR, WORKER_CLASSES.
@@ -28,7 +29,7 @@ run_one() {  # run_one LABEL WORKER_CLASS FAST_PATH
   local label=$1 class=$2 fast=$3 port
   port=$(free_port)
   BIND=127.0.0.1:$port WORKERS=2 WORKER_CLASS=$class FAST_PATH=$fast MODEL_DIR=$model_dir \
-    LOG_LEVEL=info PROMETHEUS_MULTIPROC_DIR=$work/metrics-$port \
+    CACHE_ENABLED=false REQUEST_LOG_ENABLED=false LOG_LEVEL=info PROMETHEUS_MULTIPROC_DIR=$work/metrics-$port \
     $python -m falcon_svc.cli serve >"$work/$label.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 150); do

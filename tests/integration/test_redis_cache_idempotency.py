@@ -34,7 +34,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis_settings(settings: Settings, redis_server: RedisServer) -> Settings:
-    return replace(settings, redis_url=redis_server.url, circuit_breaker_timeout_seconds=1)
+    # Every text goes to Redis here (production skips it for short texts).
+    return replace(settings, redis_url=redis_server.url, circuit_breaker_timeout_seconds=1, cache_redis_min_chars=0)
 
 
 def build(
@@ -92,6 +93,18 @@ class TestCache:
             "/infer/batch", body=json.dumps({"texts": ["already seen", "never seen", "already seen"]}), headers=JSON
         )
         assert [item["cache_hit"] for item in result.json["results"]] == [True, False, True]
+
+    def test_short_texts_skip_redis_by_default(self, redis_settings, model, redis_server):
+        client, _ = build(replace(redis_settings, cache_redis_min_chars=256), model)
+        infer(client, "short text")
+        long_text = "A long review that is well worth a round trip to Redis. " * 6
+        infer(client, long_text)
+        wait_for_keys(redis_server, 1)
+        time.sleep(0.2)  # one more writer round: the short text must still be absent
+        assert len(redis.Redis.from_url(redis_server.url).keys("falcon:cache:*")) == 1
+        fresh, _ = build(replace(redis_settings, cache_redis_min_chars=256), model)
+        assert infer(fresh, long_text).json["cache_hit"] is True
+        assert infer(fresh, "short text").json["cache_hit"] is False
 
 
 class TestIdempotency:
