@@ -148,9 +148,10 @@ def get_app() -> falcon.App:
     if settings.request_log_enabled:
         build_request_log(settings, deps)
         deps.request_log.start()
-        # NOTE: the drain budget is gunicorn's graceful_timeout, shared with the
-        # in-flight requests; the flush gets half of it, and spools what is left.
-        LIFECYCLE.on_exit(lambda: deps.close(settings.graceful_shutdown_timeout_seconds / 2))
+        # NOTE: gunicorn SIGKILLs a worker graceful_timeout after SIGTERM, and the
+        # in-flight requests used part of that: the flush gets what is left (less
+        # a margin), and spools whatever it cannot write in that time.
+        LIFECYCLE.on_exit(lambda: deps.close(LIFECYCLE.seconds_left(settings.graceful_shutdown_timeout_seconds)))
     else:
         logger.warning("request log disabled (REQUEST_LOG_ENABLED=false): no request_log rows are written")
     return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE)

@@ -126,7 +126,12 @@ class ResponseCache:
             raw = self._redis_mget([keys[index] for index in missing])
             for index, value in zip(missing, raw, strict=True):
                 if value is not None:
-                    prediction = decode(value)
+                    try:
+                        prediction = decode(value)
+                    except (ValueError, KeyError, TypeError):
+                        # Not ours (another writer, an old format): a miss, never a 5xx.
+                        metrics.CACHE_ERRORS.labels("undecodable").inc()
+                        continue
                     found[index] = prediction
                     self._local.put(keys[index], prediction)
         hits = len(keys) - sum(1 for value in found if value is None)
@@ -170,9 +175,12 @@ class ResponseCache:
 
     def _ensure_writer(self) -> None:
         # NOTE: started lazily, in the worker, after gunicorn's fork.
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._write_loop, name="cache-writer", daemon=True)
-            self._writer.start()
+        if self._writer is not None and self._writer.is_alive():
+            return
+        with self._pending_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, name="cache-writer", daemon=True)
+                self._writer.start()
 
     def _write_loop(self) -> None:
         """Every ``_WRITE_INTERVAL`` seconds, pipeline the pending SETs to Redis.

@@ -31,7 +31,10 @@ logger = logging.getLogger(__name__)
 def _report_transition(name: str, old: State, new: State) -> None:
     metrics.CIRCUIT_STATE.labels(name).set(new.gauge_value)
     metrics.CIRCUIT_TRANSITIONS.labels(name, new.value).inc()
-    metrics.DEPENDENCY_UP.labels(name).set(1 if new is State.CLOSED else 0)
+
+
+def _report_outcome(name: str, ok: bool) -> None:
+    metrics.DEPENDENCY_UP.labels(name).set(1 if ok else 0)
 
 
 def make_breaker(name: str, settings: Settings) -> CircuitBreaker:
@@ -43,6 +46,7 @@ def make_breaker(name: str, settings: Settings) -> CircuitBreaker:
         failure_threshold=settings.circuit_breaker_failure_threshold,
         reset_timeout=settings.circuit_breaker_timeout_seconds,
         on_transition=_report_transition,
+        on_outcome=_report_outcome,
     )
 
 

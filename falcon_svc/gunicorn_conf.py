@@ -59,8 +59,9 @@ timeout = _settings.timeout_seconds
 # graceful_timeout: the drain budget after SIGTERM; systemd's TimeoutStopSec
 # must exceed it, or systemd SIGKILLs a worker still finishing requests.
 graceful_timeout = _settings.graceful_shutdown_timeout_seconds
-# keepalive: nginx holds upstream connections open; keep them longer than
-# nginx's keepalive_timeout to the upstream would be wrong, so keep them short.
+# keepalive: how long an idle connection from nginx stays open. nginx's
+# upstream keepalive_timeout must be SHORTER than this, or nginx may reuse a
+# connection gunicorn has just closed and fail a POST with a 502.
 keepalive = _settings.keepalive_seconds
 
 # --- HTTP limits -------------------------------------------------------------

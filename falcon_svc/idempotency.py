@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -30,6 +31,9 @@ import redis
 from falcon_svc import metrics
 from falcon_svc.errors import APIError
 from falcon_svc.resilience import CircuitBreaker
+from falcon_svc.validation import read_body
+
+logger = logging.getLogger(__name__)
 
 HEADER = "X-Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -139,12 +143,22 @@ class IdempotencyStore:
         self._breaker.record_success()
         if existing is None:
             return self._counted(Claim(Outcome.FIRST, redis_key, request_fingerprint, token))
-        record = json.loads(existing)
-        if record["fp"] != request_fingerprint:
-            return self._counted(Claim(Outcome.MISMATCH, redis_key))
-        if record["state"] == "pending":
-            return self._counted(Claim(Outcome.CONFLICT, redis_key))
-        return self._counted(Claim(Outcome.REPLAYED, redis_key, stored=record))
+        return self._counted(self._judge(redis_key, existing, request_fingerprint))
+
+    @staticmethod
+    def _judge(redis_key: str, existing: bytes, request_fingerprint: str) -> Claim:
+        """Decide what a request meets under an already-claimed key."""
+        try:
+            record = json.loads(existing)
+            fingerprint_, state = record["fp"], record["state"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("idempotency record under %s is unreadable; proceeding without idempotency", redis_key)
+            return Claim(Outcome.UNAVAILABLE)
+        if fingerprint_ != request_fingerprint:
+            return Claim(Outcome.MISMATCH, redis_key)
+        if state == "pending":
+            return Claim(Outcome.CONFLICT, redis_key)
+        return Claim(Outcome.REPLAYED, redis_key, stored=record)
 
     def complete(self, claim: Claim, status: int, body: bytes, headers: dict[str, str]) -> None:
         """Store the response of a claimed request; a failure only costs the replay."""
@@ -165,8 +179,8 @@ class IdempotencyStore:
         self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
 
     def _quietly(self, call) -> None:
-        if not self._breaker.allow():
-            return
+        # NOTE: no breaker.allow() here: a claim left pending would answer 409
+        # for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap.
         try:
             call()
         except redis.RedisError:
@@ -197,7 +211,7 @@ class IdempotencyMiddleware:
         key = validate_key(key)
         # NOTE: the body is read here, once, and handed to the resource through
         # req.context.raw_body; an oversized one is left for the resource's 413.
-        raw = req.bounded_stream.read(self._max_body + 1)
+        raw = read_body(req, self._max_body)
         req.context.raw_body = raw
         if len(raw) > self._max_body:
             return
@@ -230,11 +244,16 @@ class IdempotencyMiddleware:
         claim: Claim | None = getattr(req.context, "idempotency_claim", None)
         if claim is None:
             return
-        if req_succeeded and 200 <= resp.status_code < 300:
-            body = resp.render_body() or b""
-            self._store.complete(claim, resp.status_code, body, {"X-Request-ID": req.context.request_id})
-        else:
+        try:
+            if req_succeeded and 200 <= resp.status_code < 300:
+                body = resp.render_body() or b""
+                self._store.complete(claim, resp.status_code, body, {"X-Request-ID": req.context.request_id})
+                return
+        except Exception:
+            # A response that cannot be stored must not leave the key claimed.
             self._store.release(claim)
+            raise
+        self._store.release(claim)
 
     @staticmethod
     def _replay(req: falcon.Request, resp: falcon.Response, stored: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -22,6 +23,7 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.draining = False
+        self.drain_started: float | None = None
         self._exit_hooks: list[Callable[[], None]] = []
 
     def on_exit(self, hook: Callable[[], None]) -> None:
@@ -38,10 +40,22 @@ class Lifecycle:
                 logger.exception("exit hook %r failed", hook)
 
     def begin_drain(self) -> None:
-        """Mark the worker as draining (idempotent); readiness turns 503."""
+        """Mark the worker as draining (idempotent); readiness turns 503.
+
+        NOTE: runs inside the signal handler, so it only sets plain attributes:
+        a metric update here could deadlock on prometheus-client's lock if the
+        signal interrupted one. The gauge follows in ``seconds_left``/readiness.
+        """
         if not self.draining:
+            self.drain_started = time.monotonic()
             self.draining = True
-            metrics.DRAINING.set(1)
+
+    def seconds_left(self, budget: float, margin: float = 1.0) -> float:
+        """Return how much of a drain ``budget`` (seconds since SIGTERM) remains, less a margin."""
+        metrics.DRAINING.set(1 if self.draining else 0)
+        if self.drain_started is None:
+            return max(budget - margin, 0.5)
+        return max(budget - (time.monotonic() - self.drain_started) - margin, 0.5)
 
     def install_sigterm_hook(self) -> None:
         """Chain a drain mark in front of the SIGTERM handler already installed.

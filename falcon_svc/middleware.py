@@ -99,6 +99,9 @@ class RequestContext:
         """Build the request_log row: who asked what, what the model said, how fast."""
         inference: Inference | None = req.context.get("inference")
         row = LogRow(
+            # NOTE: the key is ours, not the client's X-Request-ID, which a retry
+            # may repeat: each request gets its own row.
+            log_id=new_request_id(),
             request_id=request_id,
             received_at=req.context.received_at,
             route=route,

@@ -4,7 +4,7 @@ The request path only puts a ``LogRow`` into a bounded in-memory queue
 (``submit``: microseconds, never blocks, never raises); when the queue is full
 the row goes to the on-disk spool instead. A writer thread takes batches off the
 queue and writes each in one transaction: COPY into a temporary staging table,
-then ``INSERT ... SELECT ... ON CONFLICT (request_id) DO NOTHING``, so a row
+then ``INSERT ... SELECT ... ON CONFLICT (log_id) DO NOTHING``, so a row
 written twice (a retried batch, a replayed spool file) is stored once.
 
 Failures: transient errors are retried with exponential backoff and full jitter;
@@ -53,6 +53,7 @@ class LogRow:
     (LOG_REQUEST_TEXT); otherwise ``submit`` blanks it before it is queued or spooled.
     """
 
+    log_id: str
     request_id: str
     received_at: float
     route: str | None
@@ -77,7 +78,7 @@ _COLUMN_LIST = ", ".join(COLUMNS)
 # ON COMMIT DELETE ROWS empties it after every batch without catalog churn.
 _STAGING_DDL = """
 CREATE TEMPORARY TABLE request_log_staging (
-    request_id text, received_at double precision, route text, method text, status smallint,
+    log_id text, request_id text, received_at double precision, route text, method text, status smallint,
     worker_id text, model_version text, label text, confidence double precision, n_texts integer,
     cache_hit boolean, idempotent_replay boolean, latency_ms double precision, text_length integer,
     text_sha256 text, text text
@@ -87,7 +88,7 @@ _COPY = f"COPY request_log_staging ({_COLUMN_LIST}) FROM STDIN"
 _MOVE = (
     f"INSERT INTO request_log ({_COLUMN_LIST}) "
     f"SELECT {_COLUMN_LIST.replace('received_at', 'to_timestamp(received_at)')} FROM request_log_staging "
-    "ON CONFLICT (request_id) DO NOTHING"
+    "ON CONFLICT (log_id) DO NOTHING"
 )
 
 

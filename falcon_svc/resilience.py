@@ -62,6 +62,7 @@ class CircuitBreaker:
         half_open_max_calls: int = 1,
         clock: Callable[[], float] = time.monotonic,
         on_transition: Transition | None = None,
+        on_outcome: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.name = name
         self._threshold = failure_threshold
@@ -69,6 +70,7 @@ class CircuitBreaker:
         self._half_open_max = half_open_max_calls
         self._clock = clock
         self._on_transition = on_transition
+        self._on_outcome = on_outcome
         self._lock = threading.Lock()
         self._state = State.CLOSED
         self._failures = 0
@@ -102,6 +104,8 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """Note a successful call: resets the count, closes a half-open breaker."""
+        if self._on_outcome is not None:
+            self._on_outcome(self.name, True)
         with self._lock:
             self._failures = 0
             if self._state is not State.CLOSED:
@@ -109,6 +113,8 @@ class CircuitBreaker:
 
     def record_failure(self) -> None:
         """Note a failed call: may open the breaker."""
+        if self._on_outcome is not None:
+            self._on_outcome(self.name, False)
         with self._lock:
             self._failures += 1
             if self._state is State.HALF_OPEN or (self._state is State.CLOSED and self._failures >= self._threshold):

@@ -157,6 +157,8 @@ class Settings:
             access_log=reader.boolean("ACCESS_LOG", defaults.access_log),
         )
         _check_bind(settings.bind)
+        _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss", "unix"))
+        _check_url("DATABASE_URL", settings.database_url, ("postgresql", "postgres"))
         return settings
 
     @property
@@ -219,6 +221,13 @@ def _check_bind(bind: str) -> None:
     host, sep, port = bind.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SettingsError(f"BIND={bind!r} must be HOST:PORT or unix:PATH")
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    """Refuse a URL whose scheme the client library would reject later, in every worker."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in schemes or not rest:
+        raise SettingsError(f"{key}={url!r} must start with one of {', '.join(s + '://' for s in schemes)}")
 
 
 def describe(settings: Settings) -> dict[str, Any]:

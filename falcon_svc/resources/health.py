@@ -6,6 +6,7 @@ from typing import Any
 
 import falcon
 
+from falcon_svc import metrics
 from falcon_svc.dependencies import Dependencies
 from falcon_svc.lifecycle import Lifecycle
 from falcon_svc.model import Model
@@ -26,6 +27,7 @@ class Readiness:
             reasons.append("model_not_loaded")
         if self._lifecycle.draining:
             reasons.append("draining")
+            metrics.DRAINING.set(1)
         detail: dict[str, Any] = {"status": "not_ready" if reasons else "ready", "reasons": reasons}
         warnings = []
         if self._model is not None:

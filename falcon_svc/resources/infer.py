@@ -10,13 +10,17 @@ from falcon_svc.settings import Settings
 from falcon_svc.validation import read_json, require_object, require_text, require_texts
 
 
-class InferResource:
-    """Classify one text."""
+class _InferenceResource:
+    """What both inference resources hold: the classifier, the limits, the worker's id."""
 
     def __init__(self, classifier: Classifier, settings: Settings, worker_id: str) -> None:
         self._classifier = classifier
         self._settings = settings
         self._worker_id = worker_id
+
+
+class InferResource(_InferenceResource):
+    """Classify one text."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = require_object(read_json(req, self._settings.max_body_bytes))
@@ -31,13 +35,8 @@ class InferResource:
         resp.media = reply
 
 
-class BatchInferResource:
+class BatchInferResource(_InferenceResource):
     """Classify 1 to ``MAX_BATCH_SIZE`` texts in one vectorised call."""
-
-    def __init__(self, classifier: Classifier, settings: Settings, worker_id: str) -> None:
-        self._classifier = classifier
-        self._settings = settings
-        self._worker_id = worker_id
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = require_object(read_json(req, self._settings.max_body_bytes))

@@ -17,7 +17,7 @@ from falcon_svc.errors import APIError, invalid_input
 from falcon_svc.inference import Classifier, Inference
 from falcon_svc.resources.health import Readiness
 from falcon_svc.settings import Settings
-from falcon_svc.validation import read_json, require_object, require_texts
+from falcon_svc.validation import is_encodable, read_json, require_object, require_texts
 
 INPUT_NAME = "text"
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
@@ -111,13 +111,21 @@ class V2InferResource:
                 "parameters": {"labels": list(model.labels)},
             },
         }
-        request_id = body.get("id")
         resp.media = {
             "model_name": model.name,
             "model_version": model.version,
-            "id": request_id if isinstance(request_id, str) else req.context.request_id,
+            "id": _client_id(body.get("id")) or req.context.request_id,
             "outputs": [tensors[output] for output in wanted],
         }
+
+
+def _client_id(value: Any) -> str | None:
+    """Return the request's own ``id`` to echo, or None; reject one that cannot be echoed."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256 or not is_encodable(value):
+        raise invalid_input("'id' must be a string of at most 256 valid Unicode characters.", "id")
+    return value
 
 
 def _check_model_name(name: str, served: str) -> None:

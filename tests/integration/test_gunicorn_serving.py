@@ -152,8 +152,8 @@ def test_serves_degraded_without_redis_and_says_so(dummy_model_dir, tmp_path):
     assert "DEGRADED: Redis unreachable" in log_path.read_text()
 
 
-def test_invalid_setting_exits_with_config_code(dummy_model_dir, tmp_path):
-    env = service_env(dummy_model_dir, free_port(), tmp_path, WORKERS="lots")
+def serve_expecting_exit(env: dict[str, str]) -> tuple[int, str]:
+    """Run `falcon-svc serve` that must stop at start; return its exit code and output."""
     result = subprocess.run(
         [sys.executable, "-m", "falcon_svc.cli", "serve"],
         env=env,
@@ -162,19 +162,18 @@ def test_invalid_setting_exits_with_config_code(dummy_model_dir, tmp_path):
         timeout=60,
         check=False,
     )
-    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
-    assert "WORKERS='lots' is not an integer" in result.stdout + result.stderr
+    return result.returncode, result.stdout + result.stderr
 
 
-def test_missing_model_exits_with_no_model_code(tmp_path):
-    env = service_env(tmp_path / "no-model", free_port(), tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "falcon_svc.cli", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == EXIT_NO_MODEL, result.stdout + result.stderr
-    assert "cannot load the model" in result.stdout + result.stderr
+@pytest.mark.parametrize(
+    ("setting", "value", "code", "message"),
+    [
+        ("WORKERS", "lots", EXIT_CONFIG, "WORKERS='lots' is not an integer"),
+        ("MODEL_DIR", "/nonexistent/model", EXIT_NO_MODEL, "cannot load the model"),
+    ],
+)
+def test_fatal_start_up_problem_exits_with_its_code(dummy_model_dir, tmp_path, setting, value, code, message):
+    """One clear log line and a distinct exit code, so systemd does not restart-loop."""
+    returncode, output = serve_expecting_exit(service_env(dummy_model_dir, free_port(), tmp_path, **{setting: value}))
+    assert returncode == code, output
+    assert message in output

@@ -83,6 +83,7 @@ def outage(postgres: PostgresServer) -> Iterator[Callable[[], None]]:
 
 def make_row(i: int, run: str) -> LogRow:
     return LogRow(
+        log_id=f"{run}-{i}",
         request_id=f"{run}-{i}",
         received_at=time.time(),
         route="/v1/infer",
@@ -174,7 +175,7 @@ def test_migrations_apply_once_and_create_the_table_and_indexes(fresh_dsn: str) 
     assert columns["received_at"] == "timestamp with time zone"
     assert columns["status"] == "smallint"
     assert columns["confidence"] == "double precision"
-    assert len(columns) == 16
+    assert len(columns) == 17
 
 
 def test_concurrent_migration_runs_apply_each_version_once(fresh_dsn: str) -> None:
@@ -382,8 +383,10 @@ def test_a_locked_table_never_blocks_submit_and_rows_land_after_the_lock(dsn: st
 def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: str, tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
-    good = [{"request_id": f"good-{i}", "received_at": time.time(), "status": 200} for i in range(5)]
-    poison = {"request_id": "poison", "received_at": None, "status": 200}  # violates NOT NULL
+    good = [
+        {"log_id": f"good-{i}", "request_id": f"good-{i}", "received_at": time.time(), "status": 200} for i in range(5)
+    ]
+    poison = {"log_id": "poison", "request_id": "poison", "received_at": None, "status": 200}  # violates NOT NULL
     lines = [json.dumps(record) for record in [*good[:2], poison, *good[2:]]]
     (spool_dir / "spool-00000000000000000001-1-000001.jsonl").write_text("\n".join(lines) + "\n")
 

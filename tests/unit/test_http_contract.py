@@ -157,6 +157,10 @@ class TestBadInput:
     def test_too_long_text_is_422(self, client):
         assert_error(post(client, "/infer", {"text": "a" * 5001}), 422, "invalid_input", "text")
 
+    def test_text_that_normalisation_would_blow_up_is_refused_first(self, client):
+        # U+FDFA becomes 18 characters under NFKC: refused on its raw length.
+        assert_error(post(client, "/infer", {"text": "\ufdfa" * 30_000}), 422, "invalid_input", "text")
+
     def test_lone_surrogate_is_422(self, client):
         body = b'{"text": "bad \\ud800 text"}'
         assert_error(client.simulate_post("/infer", body=body, headers=JSON), 422, "invalid_input", "text")

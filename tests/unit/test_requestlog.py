@@ -23,6 +23,7 @@ def rows_total(outcome: str) -> float:
 
 def make_row(i: int, text: str | None = None) -> LogRow:
     return LogRow(
+        log_id=f"log-{i}",
         request_id=f"req-{i}",
         received_at=time.time(),
         route="/v1/infer",

@@ -54,6 +54,8 @@ def test_blank_value_means_default():
         ({"BIND": "localhost"}, "BIND='localhost' must be HOST:PORT"),
         ({"BIND": "127.0.0.1:99999"}, "BIND='127.0.0.1:99999' must be HOST:PORT"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud' is not one of"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' must start with one of"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL='mysql://x/y' must start with one of"),
     ],
 )
 def test_bad_values_name_the_key(env, message):

@@ -79,3 +79,11 @@ def test_bad_v2_requests_are_422_naming_the_field(client, model: Model, body, fi
     result = infer(client, model, body)
     assert result.status_code == 422, result.text
     assert result.json["error"]["field"] == field
+
+
+@pytest.mark.parametrize("bad_id", ["\ud800", "x" * 257, 7])
+def test_an_id_that_cannot_be_echoed_is_422(client, model: Model, bad_id):
+    body = json.dumps({"id": bad_id, **text_input(["fine"])})
+    result = client.simulate_post(f"/v2/models/{model.name}/infer", body=body, headers=JSON)
+    assert result.status_code == 422, result.text
+    assert result.json["error"]["field"] == "id"
