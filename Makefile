@@ -43,7 +43,7 @@ run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
 	  exec $(VENV)/bin/falcon-svc serve
 
 # Integration tests start real servers from these packages (on free ports).
-TEST_SYSTEM_PACKAGES := redis-server postgresql
+TEST_SYSTEM_PACKAGES := redis-server postgresql prometheus prometheus-node-exporter prometheus-alertmanager
 
 test: $(STAMP) model  ## Run lint and the whole test suite
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
