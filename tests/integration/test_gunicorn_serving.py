@@ -177,3 +177,24 @@ def test_fatal_start_up_problem_exits_with_its_code(dummy_model_dir, tmp_path, s
     returncode, output = serve_expecting_exit(service_env(dummy_model_dir, free_port(), tmp_path, **{setting: value}))
     assert returncode == code, output
     assert message in output
+
+
+def test_dead_workers_series_do_not_linger(dummy_model_dir, tmp_path):
+    """Multiprocess cleanup: a killed worker's live gauges leave /metrics with it."""
+    port = free_port()
+    with running_service(service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS="sync"), tmp_path / "log") as master:
+        workers = [int(pid) for pid in Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()]
+        victim = workers[0]
+        assert f'pid="{victim}"' in call(port, "GET", "/metrics")[2], "the live gauge should carry each worker's pid"
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+            if len(children) == len(workers) and str(victim) not in children:
+                break
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.2)
+        metrics = call(port, "GET", "/metrics")[2]
+    lines = [line for line in metrics.splitlines() if line.startswith("falcon_worker_start_time_seconds")]
+    assert lines, "falcon_worker_start_time_seconds is missing"
+    assert not any(f'pid="{victim}"' in line for line in lines), f"dead worker {victim} lingers: {lines}"
