@@ -10,7 +10,7 @@ MODEL_DIR ?= models/sentiment
 BIND ?= 127.0.0.1:8000
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test lint model bench clean system-deps
+.PHONY: help venv deploy-tools run test lint model bench clean system-deps
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,17 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cf
 
 venv: $(STAMP)  ## Create .venv with the pinned packages
 
+# Ansible and ansible-lint live in their own venv: the service never imports them.
+DEPLOY_STAMP := .venv-deploy/.installed
+
+$(DEPLOY_STAMP): requirements-deploy.txt
+	$(PYTHON) -m venv .venv-deploy
+	.venv-deploy/bin/python -m pip install -q --upgrade pip
+	.venv-deploy/bin/python -m pip install -q -r requirements-deploy.txt
+	@touch $@
+
+deploy-tools: $(DEPLOY_STAMP)  ## Create .venv-deploy with ansible-core and ansible-lint
+
 model: $(STAMP)  ## Train the model unless a valid one of the current format is there
 	$(PY) scripts/train_model.py --output-dir $(MODEL_DIR)
 
@@ -45,7 +56,7 @@ run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
 # Integration tests start real servers from these packages (on free ports).
 TEST_SYSTEM_PACKAGES := redis-server postgresql prometheus prometheus-node-exporter prometheus-alertmanager
 
-test: $(STAMP) model  ## Run lint and the whole test suite
+test: $(STAMP) $(DEPLOY_STAMP) model  ## Run lint and the whole test suite
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
 	$(VENV)/bin/ruff check .
 	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest
@@ -59,4 +70,4 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	$(PY) scripts/bench_full.py
 
 clean:  ## Remove the venv, the model and caches
-	rm -rf $(VENV) models .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,8 +1,8 @@
 """The ``falcon-svc`` command: serve, check, migrate, train.
 
-``serve`` replaces itself with gunicorn (``os.execv``), so under systemd the
-gunicorn master is the unit's main process, as ``Type=notify`` and
-``NotifyAccess=main`` require.
+``serve`` runs the gunicorn master in this process (``falcon_svc.systemd``), so
+under systemd it is the unit's main process, as ``Type=notify`` and
+``NotifyAccess=main`` require, and it sends READY=1 only once a worker has booted.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import sys
 
 from falcon_svc.logs import configure_logging
 
-GUNICORN_CONFIG = "python:falcon_svc.gunicorn_conf"
-WSGI_APP = "falcon_svc.app:get_app()"
-
 
 def serve(args: argparse.Namespace) -> int:
-    """Exec gunicorn with our config; extra arguments pass through to gunicorn."""
-    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, *args.gunicorn_args, WSGI_APP]
-    os.execv(sys.executable, argv)
-    return 0  # pragma: no cover - execv does not return
+    """Run gunicorn with our config; extra arguments pass through to gunicorn."""
+    from falcon_svc import systemd
+
+    systemd.serve(args.gunicorn_args)
+    return 0  # pragma: no cover - the arbiter leaves by SystemExit
 
 
 def check(args: argparse.Namespace) -> int:

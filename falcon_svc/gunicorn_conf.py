@@ -46,7 +46,9 @@ backlog = 2048
 # systemd template runs one gunicorn per port, each with WORKERS workers.
 workers = _settings.workers
 worker_class = _settings.gunicorn_worker_class
-threads = _settings.threads  # gthread only
+# NOTE: gthread only. gunicorn silently turns "sync" into gthread when threads > 1,
+# so every other class gets exactly 1.
+threads = _settings.threads if _settings.worker_class == "gthread" else 1
 # NOTE: no preload: each worker loads the model after the fork, so nothing that
 # owns threads or sockets (pools, the log writer) ever crosses a fork.
 preload_app = False
@@ -99,8 +101,8 @@ proc_name = f"falcon-svc[{_settings.bind}]"
 def on_starting(server) -> None:
     """Check settings and the model in the master, before any worker forks.
 
-    NOTE: gunicorn sends READY=1 to systemd (when NOTIFY_SOCKET is set) right
-    after this, before workers boot; readiness for traffic is /readyz.
+    NOTE: falcon_svc.systemd sends READY=1 to systemd only once a worker has
+    loaded the app; gunicorn's own early READY is kept from systemd.
     """
     # NOTE: empty the metrics directory before importing the app, whose metric
     # objects open their files there on import.

@@ -113,6 +113,9 @@ def test_serves_with_each_worker_class(dummy_model_dir, tmp_path, worker_class):
         assert status == 200 and "redis" in body["degraded"], body
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, "a SIGTERM stop must exit 0"
+    # gunicorn silently swaps "sync" for gthread when threads > 1: check what ran.
+    expected = {"sync": "sync", "gthread": "gthread", "meinheld": "falcon_svc.workers.MeinheldWorker"}[worker_class]
+    assert f"Using worker: {expected}" in (tmp_path / "service.log").read_text()
 
 
 def test_metrics_add_up_across_workers(dummy_model_dir, tmp_path):
@@ -183,14 +186,22 @@ def test_dead_workers_series_do_not_linger(dummy_model_dir, tmp_path):
     """Multiprocess cleanup: a killed worker's live gauges leave /metrics with it."""
     port = free_port()
     with running_service(service_env(dummy_model_dir, port, tmp_path, WORKER_CLASS="sync"), tmp_path / "log") as master:
-        workers = [int(pid) for pid in Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()]
-        victim = workers[0]
-        assert f'pid="{victim}"' in call(port, "GET", "/metrics")[2], "the live gauge should carry each worker's pid"
+        children = Path(f"/proc/{master.pid}/task/{master.pid}/children")
+        deadline = time.monotonic() + 30
+        # /readyz answers once one worker is up; wait for both before choosing.
+        while len(workers := children.read_text().split()) < 2:
+            assert time.monotonic() < deadline, "the second worker never booted"
+            time.sleep(0.1)
+        victim = int(workers[0])
+        deadline = time.monotonic() + 10
+        while f'pid="{victim}"' not in call(port, "GET", "/metrics")[2]:
+            assert time.monotonic() < deadline, "the live gauge should carry each worker's pid"
+            time.sleep(0.1)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while True:
-            children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-            if len(children) == len(workers) and str(victim) not in children:
+            alive = children.read_text().split()
+            if len(alive) == len(workers) and str(victim) not in alive:
                 break
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.2)

@@ -1,0 +1,258 @@
+"""Run gunicorn in-process and speak systemd's notify protocol from the master.
+
+gunicorn 27 sends ``READY=1`` itself in ``Arbiter.start()``, before any worker has
+loaded the model, so ``systemctl start`` would return (and ``After=`` units start)
+while nothing can answer yet. ``serve()`` below runs gunicorn in this process with
+an ``Arbiter`` subclass that:
+
+- takes ``NOTIFY_SOCKET``/``WATCHDOG_*`` out of the environment before gunicorn
+  reads it, so gunicorn's own early ``READY=1`` is a no-op and workers never see
+  the socket (``NotifyAccess=main``: only the master may notify);
+- sends ``READY=1`` once a worker has run ``post_worker_init`` (the app and its
+  model are loaded), reported through a pipe the master polls in its main loop;
+- sends ``WATCHDOG=1`` from the main loop, so a hung master stops pinging and
+  systemd kills and restarts it (``WatchdogSec=``);
+- sends ``STOPPING=1`` when the drain starts, and ``RELOADING=1`` on SIGHUP
+  followed by ``READY=1`` once a worker of the new generation has booted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from gunicorn.app.wsgiapp import WSGIApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
+from sdnotify import SystemdNotifier
+
+logger = logging.getLogger(__name__)
+
+GUNICORN_CONFIG = "python:falcon_svc.gunicorn_conf"
+WSGI_APP = "falcon_svc.app:get_app()"
+
+# Poll the boot pipe this often until READY=1 is sent: how late READY may be.
+BOOT_POLL_SECONDS = 0.2
+# gunicorn's own main-loop wait; we only ever shorten it.
+ARBITER_LOOP_SECONDS = 1.0
+
+
+class Notifier:
+    """Send sd_notify messages to one socket, logging failures (sdnotify is silent)."""
+
+    def __init__(self, address: str | None, watchdog_usec: int = 0) -> None:
+        self.address = address
+        self.watchdog_usec = watchdog_usec
+        self._socket_notifier: SystemdNotifier | None = None
+        self._failing = False
+        if address:
+            # NOTE: sdnotify reads NOTIFY_SOCKET itself, at construction only.
+            previous = os.environ.get("NOTIFY_SOCKET")
+            os.environ["NOTIFY_SOCKET"] = address
+            try:
+                self._socket_notifier = SystemdNotifier(debug=True)
+            except OSError as ex:
+                logger.error("cannot connect to NOTIFY_SOCKET %s: %s; systemd will not hear from us", address, ex)
+            finally:
+                if previous is None:
+                    os.environ.pop("NOTIFY_SOCKET", None)
+                else:
+                    os.environ["NOTIFY_SOCKET"] = previous
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Notifier:
+        """Take the notify socket and watchdog settings out of ``environ`` (workers inherit it)."""
+        address = environ.pop("NOTIFY_SOCKET", None)
+        watchdog_usec = environ.pop("WATCHDOG_USEC", "")
+        watchdog_pid = environ.pop("WATCHDOG_PID", "")
+        usec = int(watchdog_usec) if watchdog_usec.isdigit() else 0
+        # sd_watchdog_enabled(3): a WATCHDOG_PID naming another process is not for us.
+        if watchdog_pid and watchdog_pid != str(os.getpid()):
+            usec = 0
+        return cls(address, usec)
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether messages go anywhere."""
+        return self._socket_notifier is not None
+
+    @property
+    def watchdog_interval(self) -> float:
+        """Return the seconds between watchdog pings (a third of WatchdogSec), 0 when off."""
+        return self.watchdog_usec / 3_000_000 if self.enabled else 0.0
+
+    def send(self, state: str) -> bool:
+        """Send ``state``; on failure log (loudly the first time) and return False."""
+        if self._socket_notifier is None:
+            return False
+        try:
+            self._socket_notifier.notify(state)
+        except OSError as ex:
+            level = logging.DEBUG if self._failing else logging.ERROR
+            logger.log(level, "sd_notify %r to %s failed: %s", state.partition("\n")[0], self.address, ex)
+            self._failing = True
+            return False
+        if self._failing:
+            logger.warning("sd_notify to %s works again", self.address)
+            self._failing = False
+        return True
+
+    def close(self) -> None:
+        """Close this process's copy of the socket (workers inherit it through fork)."""
+        if self._socket_notifier is not None and self._socket_notifier.socket is not None:
+            self._socket_notifier.socket.close()
+        self._socket_notifier = None
+
+
+class NotifyingArbiter(Arbiter):
+    """A gunicorn arbiter that tells systemd the truth about readiness and liveness."""
+
+    def __init__(self, app: WSGIApplication, notifier: Notifier) -> None:
+        self.notifier = notifier
+        # Workers write their pid here after post_worker_init; the master polls it.
+        self._boot_read, self._boot_write = os.pipe()
+        os.set_blocking(self._boot_read, False)
+        os.set_inheritable(self._boot_read, False)
+        os.set_inheritable(self._boot_write, False)
+        self._ready = False
+        # READY=1 needs a worker spawned after this age: 0 at start, bumped by SIGHUP.
+        self._ready_after_age = 0
+        self._last_ping = float("-inf")
+        self._stopping = False
+        super().__init__(app)
+
+    # --- configuration ----------------------------------------------------------
+    def setup(self, app: WSGIApplication) -> None:
+        """Load the config (again on SIGHUP) and chain our boot report to post_worker_init."""
+        super().setup(app)
+        self.cfg.set("post_worker_init", _reporting_post_worker_init(self.cfg.post_worker_init, self))
+
+    def _worker_booted(self, worker: Worker) -> None:
+        """In the worker: report the boot to the master, and drop the notify socket."""
+        self.notifier.close()
+        with contextlib.suppress(OSError):
+            os.write(self._boot_write, f"{os.getpid()}\n".encode())
+
+    # --- the main loop ------------------------------------------------------------
+    def start(self) -> None:
+        """Start as gunicorn does (its own READY=1 finds no NOTIFY_SOCKET), pinging around it."""
+        self._watchdog_ping(force=True)
+        super().start()
+        self.notifier.send(f"STATUS=listening on {self.cfg.address}; waiting for a worker to boot")
+        self._watchdog_ping(force=True)
+
+    def wait_for_signals(self, timeout: float = ARBITER_LOOP_SECONDS) -> list[int]:
+        """Wait as gunicorn does, but wake often enough for READY=1 and the watchdog."""
+        if not self._ready:
+            timeout = min(timeout, BOOT_POLL_SECONDS)
+        if self.notifier.watchdog_interval:
+            # Half the ping interval: pings are at most 1.5 intervals (WatchdogSec/2) apart.
+            timeout = min(timeout, self.notifier.watchdog_interval / 2)
+        return super().wait_for_signals(timeout=timeout)
+
+    def manage_workers(self) -> None:
+        """Keep the worker count, then report readiness and ping the watchdog.
+
+        Runs on every iteration of the main loop: if the loop hangs, the pings stop.
+        """
+        super().manage_workers()
+        self._check_booted_workers()
+        self._watchdog_ping()
+
+    def _check_booted_workers(self) -> None:
+        try:
+            reported = os.read(self._boot_read, 4096)
+        except BlockingIOError:
+            return
+        if self._ready:
+            return
+        for pid in reported.split():
+            worker = self.WORKERS.get(int(pid))
+            if worker is not None and worker.age > self._ready_after_age:
+                self._ready = True
+                if not self.notifier.enabled:
+                    return
+                self.notifier.send(
+                    f"READY=1\nSTATUS=serving on {self.cfg.address} with {self.num_workers} workers "
+                    f"(first booted: pid {int(pid)})"
+                )
+                self.log.info("sent READY=1 to systemd: worker %s booted", int(pid))
+                return
+
+    def _watchdog_ping(self, force: bool = False) -> None:
+        interval = self.notifier.watchdog_interval
+        if not interval or self._stopping:
+            return
+        now = time.monotonic()
+        if force or now - self._last_ping >= interval:
+            self._last_ping = now
+            self.notifier.send("WATCHDOG=1")
+
+    # --- reload and stop ----------------------------------------------------------
+    def handle_hup(self) -> None:
+        """Reload as gunicorn does, inside RELOADING=1 ... READY=1 (a new worker booted)."""
+        self._ready = False
+        self._ready_after_age = self.worker_age
+        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        super().handle_hup()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Say STOPPING=1 (once) before the drain, so systemd stops expecting pings."""
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.send("STOPPING=1\nSTATUS=draining workers")
+        super().stop(graceful)
+
+
+def _reporting_post_worker_init(
+    original: Callable[[Worker], None], arbiter: NotifyingArbiter
+) -> Callable[[Worker], None]:
+    """Return a post_worker_init hook: the config's own, then the boot report."""
+    if getattr(original, "reports_boot", False):
+        return original
+
+    def post_worker_init(worker: Worker) -> None:
+        original(worker)
+        arbiter._worker_booted(worker)
+
+    post_worker_init.reports_boot = True  # type: ignore[attr-defined]
+    return post_worker_init
+
+
+class ServiceApplication(WSGIApplication):
+    """gunicorn's command-line application, fed our config and app, run by our arbiter."""
+
+    def __init__(self, gunicorn_args: list[str], notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.argv = ["-c", GUNICORN_CONFIG, *gunicorn_args, WSGI_APP]
+        super().__init__("falcon-svc serve [GUNICORN OPTIONS]", prog="falcon-svc serve")
+
+    def load_config(self) -> None:
+        """Parse our argv instead of sys.argv (gunicorn's parser reads sys.argv[1:])."""
+        saved = sys.argv
+        sys.argv = ["falcon-svc serve", *self.argv]
+        try:
+            super().load_config()
+        finally:
+            sys.argv = saved
+
+    def run(self) -> Any:
+        """Run the master loop until it exits (gunicorn's ``BaseApplication.run``, our arbiter)."""
+        try:
+            NotifyingArbiter(self, self.notifier).run()
+        except RuntimeError as ex:
+            print(f"\nError: {ex}\n", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+def serve(gunicorn_args: list[str]) -> None:
+    """Run gunicorn with falcon_svc.gunicorn_conf in this process; returns only by SystemExit."""
+    # NOTE: before gunicorn's Config snapshots the environment: its own sd_notify
+    # then finds no socket, and no worker inherits one.
+    notifier = Notifier.from_environ(os.environ)
+    ServiceApplication(gunicorn_args, notifier).run()

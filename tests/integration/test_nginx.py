@@ -1,0 +1,337 @@
+"""nginx/falcon-svc.conf.j2 rendered and served by a real nginx in front of real workers.
+
+The template is rendered here by a small renderer for the few Jinja constructs it
+uses (jinja2 is not a dependency of the service); any construct it does not know
+is left in place and fails the render check, so the template cannot quietly
+outgrow it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import free_port, wait_for_port
+from test_gunicorn_serving import call, running_service, service_env
+
+pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO_ROOT / "nginx" / "falcon-svc.conf.j2"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def comment(text: str) -> str:
+    """Ansible's `comment` filter with its defaults: the text framed as a # block."""
+    return "\n".join(["#", *(f"# {line}" for line in text.splitlines()), "#"])
+
+
+def render(template: str, variables: dict[str, object]) -> str:
+    """Render the template's Jinja subset: for loops, `| comment`, `| default('...')`."""
+
+    def loop(match: re.Match[str]) -> str:
+        name, items, body = match.groups()
+        return "".join(body.replace(f"{{{{ {name} }}}}", str(item)) for item in variables[items])
+
+    def expression(match: re.Match[str]) -> str:
+        name, filter_name, argument = match.groups()
+        if filter_name == "comment":
+            return comment(str(variables[name]))
+        if filter_name == "default":
+            return str(variables.get(name, argument))
+        return str(variables[name])
+
+    # trim_blocks, as Ansible's template module sets it: a block tag eats its newline.
+    text = re.sub(r"\{% for (\w+) in (\w+) %\}\n(.*?)\{% endfor %\}\n", loop, template, flags=re.DOTALL)
+    text = re.sub(r"\{\{ (\w+)(?: \| (comment|default)(?:\('([^']*)'\))?)? \}\}", expression, text)
+    leftover = re.findall(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", text)
+    assert not leftover, f"the test renderer does not know these template constructs: {leftover}"
+    return text
+
+
+@dataclass
+class Proxy:
+    """A running nginx: its public and status ports and its JSON access log."""
+
+    port: int
+    status_port: int
+    access_log: Path
+
+    def log_entries(self) -> list[dict]:
+        return [json.loads(line) for line in self.access_log.read_text().splitlines()]
+
+
+@contextmanager
+def running_nginx(
+    directory: Path, worker_ports: list[int], rate: str = "1000r/s", burst: int = 1000
+) -> Iterator[Proxy]:
+    """Render the template for `worker_ports`, check it with `nginx -t`, serve it, always stop it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    proxy = Proxy(port=free_port(), status_port=free_port(), access_log=directory / "access.log")
+    site = directory / "falcon-svc.conf"
+    site.write_text(
+        render(
+            TEMPLATE.read_text(),
+            {
+                "ansible_managed": "Ansible managed: test render",
+                "falcon_worker_ports": worker_ports,
+                "falcon_nginx_listen": f"127.0.0.1:{proxy.port}",
+                "falcon_nginx_status_port": proxy.status_port,
+                "falcon_max_body_size": "2m",
+                "falcon_rate_limit": rate,
+                "falcon_rate_burst": burst,
+                "falcon_proxy_read_timeout": "35s",
+                "falcon_nginx_access_log": str(proxy.access_log),
+            },
+        )
+    )
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # NOTE: as root, nginx workers would run as nobody and could not read pytest's 0700 tmp dirs.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    main_conf = directory / "nginx.conf"
+    main_conf.write_text(
+        f"{user}worker_processes 1;\npid {directory / 'nginx.pid'};\nerror_log {directory / 'error.log'} info;\n"
+        f"events {{ worker_connections 256; }}\n"
+        f"http {{\n    access_log off;\n{temp_paths}\n    include {site};\n}}\n"
+    )
+    command = [NGINX, "-c", str(main_conf), "-p", str(directory), "-e", str(directory / "error.log")]
+    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=10, check=False)
+    assert checked.returncode == 0, f"nginx -t rejects the rendered template:\n{checked.stderr}"
+    process = subprocess.Popen([*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(proxy.port, within=10)
+        wait_for_port(proxy.status_port, within=10)
+        yield proxy
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_worker(stack: ExitStack, model_dir: Path, directory: Path, name: str) -> tuple[int, subprocess.Popen]:
+    """Start one falcon-svc unit (meinheld, dummy model) whose worker_id starts with `name`."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    env = service_env(model_dir, port, directory, WORKER_CLASS="meinheld", WORKERS="1", INSTANCE_NAME=name)
+    return port, stack.enter_context(running_service(env, directory / "service.log"))
+
+
+def answered_by(body: dict) -> str:
+    """The unit name in worker_id (`name:pid`)."""
+    return body["worker_id"].split(":", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def worker_ports(dummy_model_dir, tmp_path_factory) -> Iterator[list[int]]:
+    directory = tmp_path_factory.mktemp("workers")
+    with ExitStack() as stack:
+        yield [start_worker(stack, dummy_model_dir, directory / name, name)[0] for name in ("unit-a", "unit-b")]
+
+
+@pytest.fixture(scope="module")
+def proxy(worker_ports, tmp_path_factory) -> Iterator[Proxy]:
+    with running_nginx(tmp_path_factory.mktemp("nginx"), worker_ports) as running:
+        yield running
+
+
+def test_template_starts_with_the_ansible_managed_banner():
+    rendered = render(
+        TEMPLATE.read_text(),
+        {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001]}
+        | {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())},
+    )
+    assert rendered.startswith("#\n# Ansible managed\n#\n"), rendered[:80]
+
+
+def test_infer_classifies_and_reaches_both_units(proxy):
+    units = set()
+    for i in range(8):
+        status, headers, body = call(proxy.port, "POST", "/infer", {"text": f"I really like this {i}"})
+        assert status == 200, body
+        assert headers["Content-Type"].startswith("application/json") and "label" in body, body
+        units.add(answered_by(body))
+    assert units == {"unit-a", "unit-b"}, f"nginx sent every request to {units}"
+
+
+def test_service_errors_pass_through_unchanged(proxy):
+    status, _, body = call(proxy.port, "POST", "/infer", {"text": "   "})
+    assert status == 422, body
+    assert body["error"]["code"] == "invalid_input" and body["error"]["field"] == "text", body
+
+
+def test_oversized_body_gets_json_413_from_nginx(proxy):
+    status, headers, body = call(proxy.port, "POST", "/infer", {"text": "x" * (2 * 1024 * 1024)})
+    assert status == 413, body
+    assert body == {
+        "error": {"code": "payload_too_large", "message": "The request body is larger than 2m.", "field": None}
+    }
+    assert HEX_ID.fullmatch(headers["X-Request-ID"]), headers
+
+
+def test_burst_over_the_rate_limit_gets_json_429(worker_ports, tmp_path):
+    with running_nginx(tmp_path / "nginx", worker_ports, rate="5r/s", burst=5) as limited:
+        replies = [call(limited.port, "GET", "/healthz") for _ in range(20)]
+    statuses = [status for status, _, _ in replies]
+    assert statuses[:6] == [200] * 6, f"the burst of 5 (+1) should pass: {statuses}"
+    rejected = [(headers, body) for status, headers, body in replies if status == 429]
+    assert len(rejected) >= 10, f"a 20-request burst at 5 r/s should mostly be refused: {statuses}"
+    headers, body = rejected[0]
+    assert body["error"]["code"] == "too_many_requests" and body["error"]["field"] is None, body
+    assert headers["Retry-After"] == "1" and HEX_ID.fullmatch(headers["X-Request-ID"]), headers
+
+
+def request_with_id(port: int, request_id: str | None):
+    """POST /infer with an optional X-Request-ID; return (status, response headers)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/infer",
+        data=b'{"text": "ids"}',
+        method="POST",
+        headers={"Content-Type": "application/json"} | ({"X-Request-ID": request_id} if request_id else {}),
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.headers
+
+
+def test_request_id_is_kept_or_made_and_logged(proxy):
+    status, headers = request_with_id(proxy.port, "client-id-42")
+    assert status == 200 and headers.get_all("X-Request-ID") == ["client-id-42"], headers.items()
+    status, headers = request_with_id(proxy.port, None)
+    made = headers.get_all("X-Request-ID")
+    assert status == 200 and len(made) == 1 and HEX_ID.fullmatch(made[0]), headers.items()
+    # An id the worker would refuse is replaced by nginx, so both log the same id.
+    status, headers = request_with_id(proxy.port, "not a sane id!")
+    replaced = headers["X-Request-ID"]
+    assert status == 200 and HEX_ID.fullmatch(replaced), headers.items()
+    logged = {entry["request_id"]: entry for entry in proxy.log_entries()}
+    for request_id in ("client-id-42", made[0], replaced):
+        assert request_id in logged, f"{request_id} is not in nginx's access log"
+    assert logged[replaced]["status"] == 200 and logged[replaced]["upstream_addr"].startswith("127.0.0.1:")
+
+
+def test_access_log_is_one_json_object_per_line(proxy):
+    call(proxy.port, "GET", "/healthz")
+    entries = proxy.log_entries()  # json.loads on every line: one bad line fails here
+    assert entries, "the access log is empty"
+    expected = {
+        "time",
+        "request_id",
+        "remote_addr",
+        "method",
+        "uri",
+        "status",
+        "bytes",
+        "request_time",
+        "upstream_addr",
+        "upstream_status",
+        "upstream_response_time",
+    }
+    assert all(expected <= set(entry) for entry in entries), entries[-1]
+    assert entries[-1]["uri"] == "/healthz" and entries[-1]["method"] == "GET", entries[-1]
+
+
+def test_worker_metrics_are_not_public(proxy):
+    status, _, body = call(proxy.port, "GET", "/metrics")
+    assert status == 404 and body["error"]["code"] == "not_found", body
+
+
+def test_stub_status_answers_on_the_loopback_status_port(proxy):
+    status, _, body = call(proxy.status_port, "GET", "/stub_status")
+    assert status == 200 and body.startswith("Active connections:"), body
+
+
+def test_no_worker_left_gets_json_502(tmp_path):
+    with running_nginx(tmp_path / "nginx", [free_port()]) as dead:
+        status, _, body = call(dead.port, "POST", "/infer", {"text": "anyone?"})
+    assert status == 502 and body["error"]["code"] == "bad_gateway", body
+
+
+def test_a_stopped_unit_is_failed_over_without_an_error(dummy_model_dir, worker_ports, tmp_path):
+    with ExitStack() as stack:
+        victim_port, victim = start_worker(stack, dummy_model_dir, tmp_path / "unit-c", "unit-c")
+        proxy = stack.enter_context(running_nginx(tmp_path / "nginx", [worker_ports[0], victim_port]))
+        units = {answered_by(call(proxy.port, "POST", "/infer", {"text": f"warm {i}"})[2]) for i in range(6)}
+        assert units == {"unit-a", "unit-c"}, f"both units should serve before the stop: {units}"
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(timeout=30) == 0, "the stopped unit should drain and exit 0"
+        replies = [call(proxy.port, "POST", "/infer", {"text": f"after {i}"}) for i in range(20)]
+        statuses = [status for status, _, _ in replies]
+        assert statuses == [200] * 20, f"a request failed after the stop: {statuses}"
+        assert {answered_by(body) for _, _, body in replies} == {"unit-a"}
+        retried = [entry for entry in proxy.log_entries() if ", " in entry["upstream_addr"]]
+        assert retried, "no request was retried on the other unit: the stop was never noticed"
+
+
+@contextmanager
+def dying_worker() -> Iterator[int]:
+    """Listen like a worker, read each request, then close without answering (a worker killed mid-request)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(2)
+                with suppress(OSError):
+                    connection.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_a_post_whose_worker_died_mid_request_is_retried(worker_ports, tmp_path):
+    """non_idempotent: a POST already sent to a worker that then dies is passed to the next one."""
+    with dying_worker() as dying_port, running_nginx(tmp_path / "nginx", [dying_port, worker_ports[0]]) as proxy:
+        statuses = [call(proxy.port, "POST", "/infer", {"text": f"retry me {i}"})[0] for i in range(4)]
+        entries = proxy.log_entries()
+    assert statuses == [200] * 4, f"a POST failed when its first worker died mid-request: {statuses}"
+    retried = [entry for entry in entries if entry["upstream_status"].startswith("502, ")]
+    assert retried, f"no POST reached the dying worker and was retried: {entries}"
+
+
+def test_upstream_keepalive_is_used_and_closed_by_nginx_first(proxy, worker_ports):
+    """nginx keeps idle connections to the workers, and drops them before gunicorn's 5 s would."""
+    for _ in range(10):
+        call(proxy.port, "GET", "/healthz")
+    assert established_to(worker_ports) >= 1, "no idle keep-alive connection to a worker after 10 requests"
+    time.sleep(4.6)  # past nginx's keepalive_timeout 4s, before gunicorn's KEEPALIVE_SECONDS=5
+    assert established_to(worker_ports) == 0, "nginx still holds idle upstream connections after 4.6 s"
+
+
+def established_to(ports: list[int]) -> int:
+    """Count established TCP connections accepted on the given local ports."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, state = int(fields[1].rsplit(":", 1)[1], 16), fields[3]
+            count += state == "01" and local_port in ports
+    return count

@@ -1,0 +1,181 @@
+"""The systemd units: directives the service relies on, and systemd's own verdict on them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
+from falcon_svc.settings import Settings
+
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
+TEMPLATE = SYSTEMD_DIR / "falcon-worker@.service"
+TARGET = SYSTEMD_DIR / "falcon-svc.target"
+MAX_EXPOSURE = 2.5
+# Beyond graceful_timeout: the workers' request-log flush and the master's exit.
+STOP_MARGIN_SECONDS = 10
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Return {section: {key: [values in order]}}: systemd keys repeat, configparser's do not."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.fixture(scope="module")
+def service() -> dict[str, list[str]]:
+    return parse_unit(TEMPLATE)["Service"]
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, list[str]]:
+    return parse_unit(TEMPLATE)["Unit"]
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key, [])
+    assert len(values) == 1, f"{key}= should be set exactly once, found {values}"
+    return values[0]
+
+
+def seconds(value: str) -> float:
+    """Parse a systemd time span such as 35, 35s, 1min 30s."""
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "ms": 0.001}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        assert unit in units, f"unexpected time unit in {value!r}"
+        total += float(number) * units[unit]
+    return total
+
+
+def test_notify_process_model(service):
+    assert one(service, "Type") == "notify"
+    assert one(service, "NotifyAccess") == "main", "only the gunicorn master may notify"
+    assert one(service, "ExecStart") == "/opt/falcon-svc/venv/bin/falcon-svc serve"
+    assert one(service, "ExecReload") == "/bin/kill -s HUP $MAINPID"
+    assert one(service, "KillMode") == "mixed", "SIGTERM to the master only; it drains its workers"
+    assert seconds(one(service, "WatchdogSec")) > 0
+
+
+def test_stop_timeout_outlasts_the_graceful_drain(service):
+    graceful = Settings().graceful_shutdown_timeout_seconds
+    stop = seconds(one(service, "TimeoutStopSec"))
+    assert stop >= graceful + STOP_MARGIN_SECONDS, (
+        f"TimeoutStopSec={stop} s leaves under {STOP_MARGIN_SECONDS} s beyond the {graceful} s graceful timeout: "
+        "systemd would SIGKILL draining workers"
+    )
+    assert seconds(one(service, "TimeoutStartSec")) > 0
+
+
+def test_fatal_start_up_exits_do_not_restart_loop(service, unit):
+    assert one(service, "Restart") == "on-failure"
+    assert seconds(one(service, "RestartSec")) > 0
+    prevented = {int(code) for code in one(service, "RestartPreventExitStatus").split()}
+    assert {EXIT_CONFIG, EXIT_NO_MODEL} <= prevented, f"{prevented} misses falcon_svc.app's exit codes"
+    assert int(one(unit, "StartLimitBurst")) > 0
+    assert seconds(one(unit, "StartLimitIntervalSec")) > 0
+
+
+def test_instance_identity_and_files(service):
+    environment = service["Environment"]
+    assert "BIND=127.0.0.1:%i" in environment and "INSTANCE_NAME=%H-%i" in environment
+    assert one(service, "EnvironmentFile") == "/etc/falcon-svc/falcon-svc.env"
+    lines = TEMPLATE.read_text().splitlines()
+    assert lines.index("EnvironmentFile=/etc/falcon-svc/falcon-svc.env") < lines.index(
+        "Environment=BIND=127.0.0.1:%i"
+    ), "Environment= must come after EnvironmentFile= so the instance's port wins"
+    assert one(service, "User") == one(service, "Group") == "falcon"
+    assert one(service, "StateDirectory") == "falcon-svc"
+    assert one(service, "RuntimeDirectory") == "falcon-svc-%i"
+
+
+def test_dependencies_are_ordering_only_except_the_network(unit):
+    assert one(unit, "PartOf") == "falcon-svc.target"
+    after = one(unit, "After").split()
+    assert {"network-online.target", "redis-server.service", "postgresql.service"} <= set(after)
+    wants = one(unit, "Wants").split()
+    assert wants == ["network-online.target"], "Redis/PostgreSQL down must not stop the start (degraded mode)"
+    assert "Requires" not in unit and "BindsTo" not in unit
+
+
+def test_hardening_directives(service):
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "SystemCallArchitectures": "native",
+        "UMask": "0027",
+    }
+    wrong = {key: service.get(key) for key, value in expected.items() if service.get(key) != [value]}
+    assert not wrong, f"hardening directives differ: {wrong}"
+    assert service["SystemCallFilter"][0] == "@system-service"
+
+
+def test_install_links_instances_into_the_target():
+    template = parse_unit(TEMPLATE)
+    assert template["Install"]["WantedBy"] == ["falcon-svc.target"]
+    target = parse_unit(TARGET)
+    assert "Wants" not in target["Unit"], "the role decides which ports run, not the target"
+    assert target["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.fixture(scope="module")
+def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root holding the units, systemd's own units, and stand-ins for the binaries they run."""
+    if shutil.which("systemd-analyze") is None or not Path("/usr/lib/systemd/system").is_dir():
+        pytest.skip("systemd-analyze and systemd's unit files are not installed")
+    root = tmp_path_factory.mktemp("root")
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True)
+    for path in (TEMPLATE, TARGET):
+        shutil.copy(path, units / path.name)
+    for binary in ("opt/falcon-svc/venv/bin/falcon-svc", "bin/kill"):
+        stand_in = root / binary
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
+    return root
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_systemd_analyze_verify_is_silent(systemd_root):
+    """verify exits 0 even on unknown keys and bad values; it only warns, so no output is the test."""
+    result = analyze("verify", f"--root={systemd_root}", "falcon-worker@8001.service", "falcon-svc.target")
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_security_exposure_is_low(systemd_root):
+    result = analyze("security", "--offline=yes", f"--root={systemd_root}", "falcon-worker@8001.service")
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
+        pytest.skip(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}")
+    match = re.search(r"Overall exposure level for falcon-worker@8001\.service: (\d+(?:\.\d+)?)", output)
+    assert match, f"no exposure line in: {output[-2000:]}"
+    assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
