@@ -8,6 +8,7 @@ tests fail, not skip: CI must check the deployment code.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -80,3 +81,10 @@ def test_syntax_check() -> None:
 def test_ansible_lint_production_profile() -> None:
     result = _run(_tool("ansible-lint"), "--offline", "--profile", "production", ".")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_env_file_leaves_the_port_to_the_unit():
+    """EnvironmentFile= overrides Environment=, so the file must not carry BIND or INSTANCE_NAME."""
+    template = (ANSIBLE_DIR / "roles" / "falcon_svc" / "templates" / "falcon-svc.env.j2").read_text()
+    for key in ("BIND", "INSTANCE_NAME"):
+        assert not re.search(rf"^{key}=", template, re.MULTILINE), f"{key}= in the env file would override the unit's"
