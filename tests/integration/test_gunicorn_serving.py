@@ -62,8 +62,8 @@ def service_env(model_dir: Path, port: int, tmp_path: Path, **extra: str) -> dic
 
 
 @contextmanager
-def running_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """Start `falcon-svc serve`, wait for /readyz, and always stop it."""
+def started_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start `falcon-svc serve` (waiting for nothing) and always stop it: SIGTERM, then SIGKILL."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "falcon_svc.cli", "serve"],
@@ -73,26 +73,34 @@ def running_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.
             cwd=REPO_ROOT,
         )
         try:
-            port = int(env["BIND"].rsplit(":", 1)[1])
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, f"service exited {process.returncode}: {log_path.read_text()[-3000:]}"
-                try:
-                    if call(port, "GET", "/readyz", timeout=2)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, f"service not ready in 60 s: {log_path.read_text()[-3000:]}"
-                time.sleep(0.2)
             yield process
         finally:
             if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)  # in case a test stopped it
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+@contextmanager
+def running_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start `falcon-svc serve`, wait for /readyz, and always stop it."""
+    with started_service(env, log_path) as process:
+        port = int(env["BIND"].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"service exited {process.returncode}: {log_path.read_text()[-3000:]}"
+            try:
+                if call(port, "GET", "/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"service not ready in 60 s: {log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield process
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "meinheld"])

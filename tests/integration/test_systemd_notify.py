@@ -11,16 +11,13 @@ import itertools
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_gunicorn_serving import REPO_ROOT, call, free_port, service_env
+from test_gunicorn_serving import call, free_port, service_env, started_service
 
 from falcon_svc.app import EXIT_NO_MODEL
 
@@ -93,30 +90,6 @@ def fake_systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
         sock.close()
 
 
-@contextmanager
-def started(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """Start `falcon-svc serve` (not waiting for anything) and always stop it."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "falcon_svc.cli", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
 def notify_env(model_dir: Path, port: int, tmp_path: Path, fake: FakeSystemd, **extra: str) -> dict[str, str]:
     return service_env(
         model_dir,
@@ -132,7 +105,7 @@ def notify_env(model_dir: Path, port: int, tmp_path: Path, fake: FakeSystemd, **
 def test_ready_watchdog_and_stopping(dummy_model_dir, tmp_path, fake_systemd):
     port = free_port()
     log_path = tmp_path / "service.log"
-    with started(notify_env(dummy_model_dir, port, tmp_path, fake_systemd), log_path) as process:
+    with started_service(notify_env(dummy_model_dir, port, tmp_path, fake_systemd), log_path) as process:
         ready = fake_systemd.wait_for("READY", within=60, port=port)
         before_ready = [m.fields for m in fake_systemd.messages if m is not ready]
         assert ready.readyz == 200, (
@@ -165,7 +138,9 @@ def test_ready_watchdog_and_stopping(dummy_model_dir, tmp_path, fake_systemd):
 
 def test_sighup_reloads_between_reloading_and_ready(dummy_model_dir, tmp_path, fake_systemd):
     port = free_port()
-    with started(notify_env(dummy_model_dir, port, tmp_path, fake_systemd), tmp_path / "service.log") as process:
+    with started_service(
+        notify_env(dummy_model_dir, port, tmp_path, fake_systemd), tmp_path / "service.log"
+    ) as process:
         fake_systemd.wait_for("READY", within=60, port=port)
         process.send_signal(signal.SIGHUP)
         fake_systemd.wait_for("RELOADING", within=10)
@@ -176,7 +151,7 @@ def test_sighup_reloads_between_reloading_and_ready(dummy_model_dir, tmp_path, f
 def test_no_ready_when_the_model_is_missing(dummy_model_dir, tmp_path, fake_systemd):
     env = notify_env(dummy_model_dir, free_port(), tmp_path, fake_systemd, MODEL_DIR=str(tmp_path / "no-model"))
     log_path = tmp_path / "service.log"
-    with started(env, log_path) as process:
+    with started_service(env, log_path) as process:
         assert process.wait(timeout=60) == EXIT_NO_MODEL, log_path.read_text()[-2000:]
     got = [m.fields for m in fake_systemd.drain(0.2)]
     assert not any("READY" in fields for fields in got), f"READY=1 sent by a service that failed to start: {got}"
