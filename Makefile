@@ -10,7 +10,7 @@ MODEL_DIR ?= models/sentiment
 BIND ?= 127.0.0.1:8000
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv deploy-tools run test lint model bench clean system-deps
+.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-down clean system-deps
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,17 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	$(PY) scripts/bench_model.py --model-dir $(MODEL_DIR)
 	bash scripts/bench_http.sh
 	$(PY) scripts/bench_full.py
+
+# End to end on a Debian 12 host booted with systemd-nspawn (root; see
+# ../shared/SYSTEMD_HOST.md). Work in progress: not yet part of .ci/run.
+e2e-up: $(DEPLOY_STAMP)  ## Boot the nspawn host and print how to reach it (no provisioning)
+	bash scripts/e2e.sh up
+
+e2e-down:  ## Shut the nspawn host down
+	bash scripts/e2e.sh down
+
+e2e: $(DEPLOY_STAMP)  ## Boot, provision with ansible/site.yml, smoke-test, shut down
+	bash scripts/e2e.sh test
 
 clean:  ## Remove the venv, the model and caches
 	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# End-to-end host for the Ansible roles: a Debian 12 systemd-nspawn container
+# (recipe: SYSTEMD_HOST.md). Run as root.
+#
+#   scripts/e2e.sh up     boot a fresh host (idempotent), print ssh command and URL
+#   scripts/e2e.sh down   stop it (kill -TERM nspawn) and remove the run copy
+#   scripts/e2e.sh test   up + ansible-playbook site.yml + smoke checks, always down
+#
+# The host shares this machine's network namespace, so the service ports below must
+# be free before booting. Environment:
+#   E2E_CACHE_DIR  pristine rootfs cache (default /var/cache/falcon-e2e)
+#   E2E_RUN_DIR    per-run state: rootfs copy, key, inventory, log (default /tmp/falcon-e2e)
+#   E2E_KEEP=1     `test` leaves the host running
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_DIR=${E2E_CACHE_DIR:-/var/cache/falcon-e2e}
+PRISTINE=$CACHE_DIR/rootfs-pristine
+RUN_DIR=${E2E_RUN_DIR:-/tmp/falcon-e2e}
+ROOTFS=$RUN_DIR/rootfs
+KEY=$RUN_DIR/id_ed25519
+LOG=$RUN_DIR/nspawn.log
+PIDFILE=$RUN_DIR/nspawn.pid
+INVENTORY=$RUN_DIR/inventory.ini
+SSH_PORT=2222
+MACHINE=falcon-e2e
+PORTS=(80 6379 5432 8001 8002 8080 9090 9100 9113 9121 9187 3000 "$SSH_PORT")
+ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
+PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl
+
+log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+ssh_cmd() {
+  ssh -i "$KEY" -p "$SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o LogLevel=ERROR -o ConnectTimeout=3 -o BatchMode=yes root@127.0.0.1 "$@"
+}
+
+nspawn_pid() {
+  local pid
+  [[ -f $PIDFILE ]] || return 1
+  pid=$(cat "$PIDFILE")
+  [[ -n $pid && -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == systemd-nspawn ]] \
+    && echo "$pid"
+}
+
+require_tools() {
+  local missing=()
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get install -y "${missing[@]}" >/dev/null
+  fi
+}
+
+check_ports_free() {
+  local port busy=()
+  for port in "${PORTS[@]}"; do
+    if ss -Hltn "sport = :$port" | grep -q .; then busy+=("$port"); fi
+  done
+  ((${#busy[@]} == 0)) || { ss -ltnp; die "ports already in use: ${busy[*]}"; }
+}
+
+ensure_pristine() {
+  if [[ -x $PRISTINE/usr/sbin/sshd && -x $PRISTINE/lib/systemd/systemd ]]; then
+    log "reusing pristine rootfs $PRISTINE"
+    return
+  fi
+  local mirror start
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  [[ -n $mirror ]] || die "no mirror in /etc/apt/sources.list.d/debian.sources"
+  mkdir -p "$CACHE_DIR"
+  rm -rf "$PRISTINE.tmp"
+  start=$(date +%s)
+  log "debootstrap bookworm from $mirror (about 70 s)"
+  debootstrap --variant=minbase --include="$PACKAGES" bookworm "$PRISTINE.tmp" "$mirror" \
+    >"$CACHE_DIR/debootstrap.log" 2>&1 || die "debootstrap failed, see $CACHE_DIR/debootstrap.log"
+  mv "$PRISTINE.tmp" "$PRISTINE"
+  log "debootstrap took $(($(date +%s) - start)) s"
+}
+
+write_inventory() {
+  # Secrets go on the host line: host variables outrank the playbook's
+  # group_vars/all.yml placeholders, [falcon:vars] in an inventory file does not.
+  local name secrets=""
+  for name in vault_redis_password vault_postgresql_owner_password \
+              vault_postgresql_writer_password vault_grafana_admin_password; do
+    secrets+=" $name=$(openssl rand -hex 24)"
+  done
+  (
+    umask 077
+    {
+      echo '[falcon]'
+      printf "e2ehost ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null' grafana_install_package=false%s\n" \
+        "$SSH_PORT" "$KEY" "$secrets"
+    } >"$INVENTORY"
+  )
+}
+
+print_info() {
+  cat <<EOF
+falcon-e2e host is up (systemd-nspawn pid $(nspawn_pid)).
+  ssh:       ssh -i $KEY -p $SSH_PORT -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1
+  nginx:     http://127.0.0.1/
+  inventory: $INVENTORY
+  provision: cd $REPO_DIR/ansible && $ANSIBLE_PLAYBOOK -i $INVENTORY site.yml
+  stop:      $0 down
+EOF
+}
+
+cmd_up() {
+  require_tools
+  mkdir -p "$RUN_DIR"
+  if nspawn_pid >/dev/null && ssh_cmd true 2>/dev/null; then
+    log "already running"
+    print_info
+    return
+  fi
+  # A half-started or dead previous run: clean it away first.
+  cmd_down
+  check_ports_free
+  ensure_pristine
+  local start pid i
+  start=$(date +%s)
+  mkdir -p "$RUN_DIR"
+  log "copying rootfs to $ROOTFS"
+  cp -a "$PRISTINE" "$ROOTFS"
+  rm -f "$KEY" "$KEY.pub"
+  ssh-keygen -q -t ed25519 -N '' -f "$KEY"
+  install -d -m 700 "$ROOTFS/root/.ssh"
+  install -m 600 "$KEY.pub" "$ROOTFS/root/.ssh/authorized_keys"
+  printf 'Port %s\nListenAddress 127.0.0.1\n' "$SSH_PORT" >"$ROOTFS/etc/ssh/sshd_config.d/e2e.conf"
+  cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+  # This machine's outbound HTTPS goes through a TLS-inspecting proxy: the host
+  # needs the same local CAs, or pip cannot reach PyPI from inside it.
+  if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
+    systemd-nspawn -q -D "$ROOTFS" --register=no --keep-unit update-ca-certificates >/dev/null
+  fi
+  write_inventory
+
+  # On any failure before the host answers, stop it again.
+  trap 'log "boot failed; stopping"; cmd_down' ERR INT TERM
+  log "booting"
+  setsid systemd-nspawn -D "$ROOTFS" -b --register=no --keep-unit \
+    --machine="$MACHINE" >"$LOG" 2>&1 </dev/null &
+  echo $! >"$PIDFILE"
+  for i in $(seq 1 60); do
+    ssh_cmd true 2>/dev/null && break
+    [[ -d /proc/$(cat "$PIDFILE") ]] || { tail -20 "$LOG"; false; }
+    sleep 0.5
+  done
+  ssh_cmd true || { tail -20 "$LOG"; false; }
+  trap - ERR INT TERM
+  log "ssh answers after $(($(date +%s) - start)) s; system state: $(ssh_cmd systemctl is-system-running --wait 2>/dev/null || true)"
+  print_info
+}
+
+cmd_down() {
+  local pid i
+  if pid=$(nspawn_pid); then
+    log "stopping systemd-nspawn pid $pid"
+    kill -TERM "$pid"
+    for i in $(seq 1 60); do
+      [[ -d /proc/$pid ]] || break
+      sleep 0.5
+    done
+    if [[ -d /proc/$pid ]]; then
+      log "still running after 30 s; sending SIGKILL to $pid"
+      kill -KILL "$pid" || true
+      sleep 1
+    fi
+    grep -E 'has been shut down|Container .* (exited|terminated)' "$LOG" >&2 || true
+  fi
+  rm -f "$PIDFILE"
+  if [[ -d $ROOTFS ]]; then
+    rm -rf --one-file-system "$ROOTFS"
+  fi
+}
+
+cmd_test() {
+  local rc=0 start
+  trap 'if [[ -z ${E2E_KEEP:-} ]]; then cmd_down; fi' EXIT
+  trap 'exit 130' INT TERM
+  cmd_up
+  start=$(date +%s)
+  log "ansible-playbook site.yml"
+  (cd "$REPO_DIR/ansible" && "$ANSIBLE_PLAYBOOK" -i "$INVENTORY" site.yml) || rc=$?
+  log "playbook rc=$rc after $(($(date +%s) - start)) s"
+  ((rc == 0)) || return "$rc"
+  log "smoke checks"
+  ssh_cmd systemctl is-system-running || true
+  ssh_cmd systemctl --failed --no-legend || true
+  curl -fsS -m 10 http://127.0.0.1/healthz || rc=$?
+  curl -fsS -m 10 http://127.0.0.1/infer -H 'Content-Type: application/json' \
+    -d '{"text": "The delivery was quick and the staff were lovely."}' || rc=$?
+  echo
+  return "$rc"
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  test) cmd_test ;;
+  *) echo "usage: $0 up|down|test" >&2; exit 2 ;;
+esac
