@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import PostgresServer, RedisServer, free_port, wait_for_port
+from servers import PostgresServer, RedisServer, free_port, stop_process, wait_for_port
 from test_gunicorn_serving import call, running_service, service_env
 
 from falcon_svc.migrate import apply_migrations
@@ -168,13 +168,7 @@ def terminated_on_exit(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout=15)
 
 
 def has_a_number(result: list[dict]) -> bool:

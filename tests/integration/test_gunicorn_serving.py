@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from servers import stop_process
 
 from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
 
@@ -75,14 +76,7 @@ def started_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.
         try:
             yield process
         finally:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)  # in case a test stopped it
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
 
 
 @contextmanager

@@ -197,6 +197,19 @@ def _wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _assert_hung_worker_replaced(
+    server: Gunicorn, master_pid: int, hung_pid: int, hung_request: threading.Thread
+) -> None:
+    """The arbiter timed the hung worker out, replaced it, and kept its own pid."""
+    assert server.master_alive and server.proc.pid == master_pid, f"master changed or died:\n{server.log()}"
+    assert server.get("/fast") == (200, "ok"), "the replacement worker does not serve"
+    assert f"WORKER TIMEOUT (pid:{hung_pid})" in server.log(), (
+        f"the arbiter did not time out the worker:\n{server.log()}"
+    )
+    _wait_for(lambda: not _pid_alive(hung_pid), within=10, what=f"hung worker {hung_pid} to be gone")
+    hung_request.join(timeout=10)
+
+
 # --- our worker ----------------------------------------------------------------
 
 
@@ -212,13 +225,7 @@ def test_hung_worker_is_killed_at_timeout_and_replaced(
     _wait_for((tmp_path / f"{route[1:]}.started").exists, within=10, what=f"{route} to start")
     new_pid = server.wait_for_worker_other_than(hung_pid)
 
-    assert server.master_alive and server.proc.pid == master_pid, f"master changed or died:\n{server.log()}"
-    assert server.get("/fast") == (200, "ok"), "the replacement worker does not serve"
-    assert f"WORKER TIMEOUT (pid:{hung_pid})" in server.log(), (
-        f"the arbiter did not time out the worker:\n{server.log()}"
-    )
-    _wait_for(lambda: not _pid_alive(hung_pid), within=10, what=f"hung worker {hung_pid} to be gone")
-    hung_request.join(timeout=10)
+    _assert_hung_worker_replaced(server, master_pid, hung_pid, hung_request)
     assert "result" not in outcome, f"the hung request was answered, so nothing hung: {outcome}"
     assert new_pid != hung_pid
 
@@ -246,13 +253,7 @@ def test_worker_hung_by_its_first_request_is_killed_at_timeout_and_replaced(
     hung_pid = int(mark.read_text())
     new_pid = server.wait_for_worker_other_than(hung_pid)
 
-    assert server.master_alive and server.proc.pid == master_pid, f"master changed or died:\n{server.log()}"
-    assert server.get("/fast") == (200, "ok"), "the replacement worker does not serve"
-    assert f"WORKER TIMEOUT (pid:{hung_pid})" in server.log(), (
-        f"the arbiter did not time out the worker:\n{server.log()}"
-    )
-    _wait_for(lambda: not _pid_alive(hung_pid), within=10, what=f"hung worker {hung_pid} to be gone")
-    hung_request.join(timeout=10)
+    _assert_hung_worker_replaced(server, master_pid, hung_pid, hung_request)
     conn.close()
     assert "result" not in outcome, f"the hung request was answered, so nothing hung: {outcome}"
     assert new_pid != hung_pid

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import free_port, wait_for_port
+from servers import free_port, stop_process, wait_for_port
 from test_gunicorn_serving import call, running_service, service_env
 
 pytestmark = pytest.mark.integration
@@ -118,12 +118,7 @@ def running_nginx(
         wait_for_port(proxy.status_port, within=10)
         yield proxy
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
 
 
 def start_worker(stack: ExitStack, model_dir: Path, directory: Path, name: str) -> tuple[int, subprocess.Popen]:
