@@ -39,6 +39,9 @@ from falcon_svc.spool import Record, Spool
 
 logger = logging.getLogger(__name__)
 
+# submit() reports the queue depth when it reaches a multiple of this.
+QUEUE_DEPTH_REPORT_EVERY = 16
+
 DEPENDENCY = "postgres"
 
 
@@ -194,9 +197,14 @@ class RequestLog:
             with self._cond:
                 if not self._closed and len(self._rows) < self._buffer_max:
                     self._rows.append(row)
+                    queued = len(self._rows)
                     # NOTE: wake the writer only when it can act: first row, or a full batch.
-                    if len(self._rows) in (1, self._batch_size):
+                    if queued in (1, self._batch_size):
                         self._cond.notify()
+                    # A writer stuck in a slow PostgreSQL does not report the backlog
+                    # growing behind it; report it here, every few rows to stay cheap.
+                    if queued % QUEUE_DEPTH_REPORT_EVERY == 0:
+                        metrics.LOG_QUEUE_DEPTH.set(queued)
                     return
             self._spool.append([row_record(row)])
         except Exception:

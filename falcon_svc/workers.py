@@ -223,4 +223,8 @@ class MeinheldWorker(Worker):
         if self._shutdown_grace is not None:
             return
         self._shutdown_grace = int(grace_seconds)
+        # Every later response closes its connection: meinheld checks this setting per
+        # request. Otherwise nginx keeps reusing its keep-alive connections to a draining
+        # worker, which serves them until the traffic stops and never exits.
+        server.set_keepalive(0)
         server.stop(self._shutdown_grace)

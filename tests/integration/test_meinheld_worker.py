@@ -296,6 +296,40 @@ def test_sigterm_to_master_drains_a_request_in_flight(start_gunicorn: Callable[.
     assert server.proc.wait(timeout=20) == 0, f"master did not exit cleanly:\n{server.log()}"
 
 
+def test_sigterm_closes_keepalive_connections_after_their_next_response(
+    start_gunicorn: Callable[..., Gunicorn],
+) -> None:
+    # nginx reuses its keep-alive connections to a worker; a draining worker that kept
+    # them open would go on taking requests until the load stopped and never exit.
+    server = start_gunicorn(timeout=30, graceful_timeout=20, keepalive=15)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/pid")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        assert (first.getheader("Connection") or "").lower() == "keep-alive"
+
+        server.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: "Handling signal: term" in server.log(), within=10, what="the master to get SIGTERM")
+        # The worker's Python signal handler runs at its loop's next Python call (the
+        # once-a-second watchdog, or a request), so ask until the drain shows.
+        connection_header = "keep-alive"
+        for _ in range(10):
+            time.sleep(0.5)
+            conn.request("GET", "/pid")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, f"request on a kept-alive connection during the drain: {response.status}"
+            connection_header = (response.getheader("Connection") or "").lower()
+            if connection_header == "close":
+                break
+        assert connection_header == "close", f"still keep-alive 5 s into the drain:\n{server.log()}"
+    finally:
+        conn.close()
+    assert server.proc.wait(timeout=20) == 0, f"master did not exit cleanly:\n{server.log()}"
+
+
 def _upload_slowly(server: Gunicorn, on_half_sent: Callable[[], None], pause: float) -> tuple[int, str]:
     """POST /echo on a connection the worker has already served: half the body, a pause, the rest."""
     body = b"x" * 1000

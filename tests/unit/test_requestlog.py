@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from psycopg_pool import PoolTimeout
 from servers import free_port
 
-from falcon_svc.requestlog import LogRow, RequestLog, _copy_values, is_transient, row_record
+from falcon_svc.requestlog import QUEUE_DEPTH_REPORT_EVERY, LogRow, RequestLog, _copy_values, is_transient, row_record
 from falcon_svc.resilience import CircuitBreaker, RetryPolicy, State
 from falcon_svc.spool import Spool
 
@@ -88,6 +88,18 @@ def test_submit_spools_when_the_queue_is_full_and_never_raises(spool_dir: Path) 
     assert log.status()["spool_bytes"] > 0
     log.close(timeout=0.5)
     assert sorted(spooled_ids(spool_dir)) == sorted(f"req-{i}" for i in range(10)), "close spools the queue too"
+
+
+def test_queue_depth_metric_grows_while_the_writer_is_busy(spool_dir: Path) -> None:
+    # Never started: like a writer blocked in a slow PostgreSQL, nothing takes rows.
+    log = unreachable_log(spool_dir, buffer_max=100)
+
+    for i in range(2 * QUEUE_DEPTH_REPORT_EVERY + 1):
+        log.submit(make_row(i))
+
+    assert REGISTRY.get_sample_value("falcon_request_log_queue_depth") == 2 * QUEUE_DEPTH_REPORT_EVERY
+    log.close(timeout=0.5)
+    assert REGISTRY.get_sample_value("falcon_request_log_queue_depth") == 0
 
 
 def test_submit_survives_a_broken_spool(tmp_path: Path) -> None:

@@ -1,0 +1,208 @@
+# shellcheck shell=bash
+# Shared by the failure-injection scripts. They run ON the deployed host, as root
+# (systemctl, journalctl, psql as postgres), and load it only on loopback through
+# nginx with loadgen.py (standard-library Python: the host's python3 runs it).
+#
+# Each script: drive steady load, inject one fault, undo it (also on failure or
+# Ctrl-C), then check what must hold and print one PASS/FAIL line per check and a
+# final "VERDICT: PASS" (exit 0) or "VERDICT: FAIL" (exit 1).
+#
+# Environment (all optional):
+#   FALCON_URL      nginx in front of the workers        (default http://127.0.0.1)
+#   FALCON_PORTS    worker ports, space separated        (default: every falcon-worker@PORT unit)
+#   FALCON_DB       database holding request_log         (default falcon)
+#   LOAD_RATE       steady requests per second, total    (default 40: under nginx's 50r/s per client)
+#   PYTHON          interpreter for loadgen.py           (default python3)
+set -euo pipefail
+
+FAULTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+FALCON_URL=${FALCON_URL:-http://127.0.0.1}
+FALCON_DB=${FALCON_DB:-falcon}
+LOAD_RATE=${LOAD_RATE:-40}
+PYTHON=${PYTHON:-python3}
+
+FAULT_NAME=fault
+RUN_ID=
+WORK=
+LOAD_PID=
+CHECKS_FAILED=0
+UNDO=()
+
+say() { printf '[%s %s] %s\n' "$FAULT_NAME" "$(date +%T)" "$*"; }
+die() { say "ERROR: $*"; exit 2; }
+
+# fault_init NAME: a run id (the X-Request-ID prefix of every request: RUN_ID-load-N
+# for the steady load), a work dir,
+# and the exit trap that stops the load and undoes the fault whatever happens.
+fault_init() {
+  FAULT_NAME=$1
+  [[ $EUID -eq 0 ]] || die "run as root on the falcon-svc host (systemctl, psql as postgres)"
+  RUN_ID="$1-$(date +%s)-$RANDOM"
+  WORK=$(mktemp -d "/tmp/falcon-fault-$1.XXXXXX")
+  trap fault_cleanup EXIT
+  trap 'exit 130' INT TERM
+  say "run id $RUN_ID (X-Request-ID prefix), load ${LOAD_RATE}/s through $FALCON_URL"
+}
+
+# on_exit CMD...: undo a fault at exit (last registered runs first; a no-op undo,
+# such as killing what already ended, is fine).
+on_exit() { UNDO+=("$(printf '%q ' "$@")"); }
+
+fault_cleanup() {
+  local i
+  if [[ -n $LOAD_PID ]]; then kill "$LOAD_PID" 2>/dev/null || true; fi
+  for ((i = ${#UNDO[@]} - 1; i >= 0; i--)); do
+    eval "${UNDO[i]}" 2>/dev/null || true
+  done
+  UNDO=()
+  [[ -n $WORK ]] && rm -rf "$WORK"
+}
+
+worker_ports() {
+  if [[ -n ${FALCON_PORTS:-} ]]; then
+    tr ' ' '\n' <<<"$FALCON_PORTS"
+    return
+  fi
+  systemctl list-units --all --plain --no-legend 'falcon-worker@*.service' \
+    | sed -nE 's/^falcon-worker@([0-9]+)\.service.*/\1/p' | sort -n
+}
+
+unit_prop() { systemctl show --property="$2" --value "falcon-worker@$1.service"; }
+
+# wait_ready PORT [SECONDS]: until the worker answers /readyz 200.
+wait_ready() {
+  local port=$1 limit=${2:-90} i
+  for ((i = 0; i < limit * 2; i++)); do
+    curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$port/readyz" 2>/dev/null && return 0
+    sleep 0.5
+  done
+  return 1
+}
+
+require_ready_workers() {
+  local port ports
+  mapfile -t ports < <(worker_ports)
+  ((${#ports[@]} >= ${1:-1})) || die "need at least ${1:-1} falcon-worker units, found ${#ports[@]}"
+  for port in "${ports[@]}"; do
+    wait_ready "$port" 60 || die "falcon-worker@$port is not ready before the fault"
+  done
+}
+
+# load_start SECONDS [loadgen args...]: steady load in the background.
+load_start() {
+  local seconds=$1
+  shift
+  "$PYTHON" "$FAULTS_DIR/loadgen.py" --url "$FALCON_URL" --run-id "$RUN_ID-load" \
+    --duration "$seconds" --rate "$LOAD_RATE" --out "$WORK/load.json" "$@" \
+    >/dev/null 2>"$WORK/load.err" &
+  LOAD_PID=$!
+  say "load: $seconds s at ${LOAD_RATE}/s"
+}
+
+load_wait() {
+  wait "$LOAD_PID" || { LOAD_PID=; die "load generator failed: $(cat "$WORK/load.err")"; }
+  LOAD_PID=
+  say "load done: $(summary_line "$WORK/load.json")"
+}
+
+# json_get FILE KEY.PATH: one value of a loadgen summary (0 when absent).
+json_get() {
+  "$PYTHON" - "$1" "$2" <<'EOF'
+import json, sys
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    value = value.get(key) if isinstance(value, dict) else None
+print(0 if value is None else value)
+EOF
+}
+
+summary_line() {
+  "$PYTHON" - "$1" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"sent {s['sent']}, 2xx {s['ok']}, non-2xx {s['non_2xx']}, errors {s['errors']} "
+      f"{s['error_kinds'] or ''}, p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, "
+      f"max {s['latency_ms']['max']} ms, statuses {s['statuses']}")
+if s["first_failures"]:
+    print("  first failures:", json.dumps(s["first_failures"][:5]))
+EOF
+}
+
+# check DESCRIPTION COMMAND...: one PASS/FAIL line; a FAIL makes the verdict fail.
+check() {
+  local description=$1
+  shift
+  if "$@"; then
+    say "PASS  $description"
+  else
+    say "FAIL  $description"
+    CHECKS_FAILED=$((CHECKS_FAILED + 1))
+  fi
+}
+
+check_no_failed_requests() {
+  local file=${1:-$WORK/load.json} sent bad errors
+  sent=$(json_get "$file" sent)
+  bad=$(json_get "$file" non_2xx)
+  errors=$(json_get "$file" errors)
+  check "every request answered 2xx ($sent sent, $bad non-2xx, $errors connection errors)" \
+    test "$sent" -gt 0 -a "$bad" -eq 0 -a "$errors" -eq 0
+}
+
+psql_value() {
+  (cd / && runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -d "$FALCON_DB" -c "$1")
+}
+
+# rows_for PREFIX: "distinct total" request_log rows whose request_id starts with PREFIX-.
+rows_for() {
+  psql_value "SELECT count(DISTINCT request_id) || ' ' || count(*) FROM request_log
+              WHERE starts_with(request_id, '$1-') AND received_at > now() - interval '1 hour'"
+}
+
+# check_rows EXPECTED [MAX_MISSING] [PREFIX]: one request_log row per answered request.
+# Rows reach PostgreSQL from a background writer (and after an outage from the
+# spool), so wait for them up to 90 s.
+check_rows() {
+  local expected=$1 max_missing=${2:-0} prefix=${3:-$RUN_ID-load} distinct=0 total=0 last=-1 same=0 i
+  for ((i = 0; i < 90; i++)); do
+    read -r distinct total < <(rows_for "$prefix")
+    ((distinct >= expected)) && break
+    # Where rows may be missing, stop once the count has stood still for 10 s.
+    if ((distinct == last)); then same=$((same + 1)); else same=0; fi
+    ((max_missing > 0 && same >= 10)) && break
+    last=$distinct
+    sleep 1
+  done
+  say "request_log: $distinct distinct request ids in $total rows for $expected answered requests"
+  if ((max_missing == 0)); then
+    check "one request_log row per answered request ($distinct of $expected)" test "$distinct" -eq "$expected"
+  else
+    check "request_log rows missing at most $max_missing ($((expected - distinct)) of $expected missing)" \
+      test "$distinct" -le "$expected" -a $((expected - distinct)) -le "$max_missing"
+  fi
+}
+
+# metric_sum PORT REGEX: sum of a worker's /metrics samples whose name{labels} match.
+metric_sum() {
+  curl -fsS -m 5 "http://127.0.0.1:$1/metrics" | awk -v re="$2" '
+    $0 !~ /^#/ && $1 ~ re { sum += $2 } END { printf "%.0f\n", sum }'
+}
+
+# metric_total REGEX: metric_sum over every worker.
+metric_total() {
+  local port sum=0 value
+  for port in $(worker_ports); do
+    value=$(metric_sum "$port" "$1" 2>/dev/null || echo 0)
+    sum=$((sum + value))
+  done
+  echo "$sum"
+}
+
+verdict() {
+  if ((CHECKS_FAILED == 0)); then
+    say "VERDICT: PASS"
+    exit 0
+  fi
+  say "VERDICT: FAIL ($CHECKS_FAILED check(s) failed)"
+  exit 1
+}

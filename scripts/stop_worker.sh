@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Failure injection: `systemctl stop` one worker under load, with large batches in
+# flight. Run on the falcon-svc host as root. Expect:
+# - the stopped worker finishes the requests it was serving (SIGTERM drain): its
+#   journal has their access lines, written after the stop began;
+# - nginx sends everything else to the other workers, including requests the worker
+#   had not accepted yet (reset with its listen queue, retried by nginx): no failed
+#   request, in-flight batches included;
+# - every request has its request_log row (the drain flushes the log buffer);
+# - the unit stops well before TimeoutStopSec, and comes back when started.
+source "$(dirname "$0")/faults/lib.sh"
+
+fault_init stop_worker
+require_ready_workers 2
+victim=${VICTIM_PORT:-$(worker_ports | tail -1)}
+BURST=${BURST:-12}
+# The unit's TimeoutStopSec is 35 s; a drain that needs most of it is a defect.
+STOP_LIMIT_SECONDS=${STOP_LIMIT_SECONDS:-15}
+on_exit systemctl start "falcon-worker@$victim.service"
+
+load_start 16
+sleep 4
+say "sending $BURST batches of 50 long texts through nginx"
+"$PYTHON" "$FAULTS_DIR/loadgen.py" --url "$FALCON_URL" --run-id "$RUN_ID-burst" \
+  --burst "$BURST" --ready-file "$WORK/burst.sent" --out "$WORK/burst.json" >/dev/null 2>"$WORK/burst.err" &
+burst_pid=$!
+for _ in $(seq 1 100); do [[ -e $WORK/burst.sent ]] && break; sleep 0.05; done
+[[ -e $WORK/burst.sent ]] || die "the burst was not sent: $(cat "$WORK/burst.err")"
+since=$(date '+%Y-%m-%d %H:%M:%S')
+say "all $BURST in flight: systemctl stop falcon-worker@$victim"
+stopping=$(date +%s%N)
+systemctl stop "falcon-worker@$victim.service"
+stop_ms=$((($(date +%s%N) - stopping) / 1000000))
+say "falcon-worker@$victim stopped in $stop_ms ms"
+wait "$burst_pid" || die "burst failed: $(cat "$WORK/burst.err")"
+say "batches: $(summary_line "$WORK/burst.json")"
+drained=$(journalctl -u "falcon-worker@$victim.service" --since "$since" -o cat \
+  | grep -c "\"request_id\": \"$RUN_ID-burst-[0-9]*\".*\"status\": 200" || true)
+say "falcon-worker@$victim answered $drained of the batches after the stop began"
+sleep 3
+say "starting falcon-worker@$victim again"
+systemctl start "falcon-worker@$victim.service"
+load_wait
+
+check "the stopping worker finished the batches it was serving ($drained answered after SIGTERM)" \
+  test "$drained" -gt 0
+check_no_failed_requests "$WORK/burst.json"
+check_no_failed_requests
+check "the drain ended well before TimeoutStopSec (stopped in $stop_ms ms, want < ${STOP_LIMIT_SECONDS} s)" \
+  test "$stop_ms" -lt $((STOP_LIMIT_SECONDS * 1000))
+check "falcon-worker@$victim is ready again" wait_ready "$victim" 90
+check_rows "$(json_get "$WORK/load.json" ok)"
+check_rows "$BURST" 0 "$RUN_ID-burst"
+verdict
