@@ -10,10 +10,10 @@ MODEL_DIR ?= models/sentiment
 BIND ?= 127.0.0.1:8000
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-down clean system-deps
+.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-check e2e-down clean system-deps
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 system-deps:  ## Install the Debian/Ubuntu packages (apt, as root or via sudo)
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
@@ -70,14 +70,18 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	$(PY) scripts/bench_full.py
 
 # End to end on a Debian 12 host booted with systemd-nspawn (root; see
-# ../shared/SYSTEMD_HOST.md). Work in progress: not yet part of .ci/run.
-e2e-up: $(DEPLOY_STAMP)  ## Boot the nspawn host and print how to reach it (no provisioning)
+# docs/UBUNTU_DEPLOYMENT.md and ../shared/SYSTEMD_HOST.md). Ports 80, 2222, 5432,
+# 6379, 8001-8002, 8080, 9090, 9100, 9113, 9121, 9187 of this machine must be free.
+e2e-up: $(DEPLOY_STAMP)  ## Boot and provision the nspawn host, leave it running, print ssh and URL
 	bash scripts/e2e.sh up
+
+e2e-check:  ## Run the end-to-end checks and fault scripts against the running e2e host
+	bash scripts/e2e_checks.sh
 
 e2e-down:  ## Shut the nspawn host down
 	bash scripts/e2e.sh down
 
-e2e: $(DEPLOY_STAMP)  ## Boot, provision with ansible/site.yml, smoke-test, shut down
+e2e: $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
 
 clean:  ## Remove the venv, the model and caches

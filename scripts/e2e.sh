@@ -2,14 +2,17 @@
 # End-to-end host for the Ansible roles: a Debian 12 systemd-nspawn container
 # (recipe: SYSTEMD_HOST.md). Run as root.
 #
-#   scripts/e2e.sh up     boot a fresh host (idempotent), print ssh command and URL
-#   scripts/e2e.sh down   stop it (kill -TERM nspawn) and remove the run copy
-#   scripts/e2e.sh test   up + ansible-playbook site.yml + smoke checks, always down
+#   scripts/e2e.sh up         boot a fresh host and provision it with ansible/site.yml;
+#                             leave it running and print the ssh command and nginx URL
+#   scripts/e2e.sh provision  run ansible/site.yml again on the running host
+#   scripts/e2e.sh down       stop it (kill -TERM nspawn) and remove the run copy
+#   scripts/e2e.sh test       boot, provision, provision again (must report changed=0),
+#                             scripts/e2e_checks.sh; the host is always shut down
 #
 # The host shares this machine's network namespace, so the service ports below must
 # be free before booting. Environment:
 #   E2E_CACHE_DIR  pristine rootfs cache (default /var/cache/falcon-e2e)
-#   E2E_RUN_DIR    per-run state: rootfs copy, key, inventory, log (default /tmp/falcon-e2e)
+#   E2E_RUN_DIR    per-run state: rootfs copy, key, inventory, logs (default /tmp/falcon-e2e)
 #   E2E_KEEP=1     `test` leaves the host running
 set -euo pipefail
 
@@ -24,7 +27,7 @@ PIDFILE=$RUN_DIR/nspawn.pid
 INVENTORY=$RUN_DIR/inventory.ini
 SSH_PORT=2222
 MACHINE=falcon-e2e
-PORTS=(80 6379 5432 8001 8002 8080 9090 9100 9113 9121 9187 3000 "$SSH_PORT")
+PORTS=(80 6379 5432 8001 8002 8080 9090 9093 9094 9100 9113 9121 9187 3000 "$SSH_PORT")
 ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
 PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl
 
@@ -110,19 +113,18 @@ falcon-e2e host is up (systemd-nspawn pid $(nspawn_pid)).
 EOF
 }
 
-cmd_up() {
+boot_host() {
   require_tools
   mkdir -p "$RUN_DIR"
   if nspawn_pid >/dev/null && ssh_cmd true 2>/dev/null; then
     log "already running"
-    print_info
     return
   fi
   # A half-started or dead previous run: clean it away first.
   cmd_down
   check_ports_free
   ensure_pristine
-  local start pid i
+  local start
   start=$(date +%s)
   mkdir -p "$RUN_DIR"
   log "copying rootfs to $ROOTFS"
@@ -147,7 +149,7 @@ cmd_up() {
   setsid systemd-nspawn -D "$ROOTFS" -b --register=no --keep-unit \
     --machine="$MACHINE" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  for i in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     ssh_cmd true 2>/dev/null && break
     [[ -d /proc/$(cat "$PIDFILE") ]] || { tail -20 "$LOG"; false; }
     sleep 0.5
@@ -155,15 +157,33 @@ cmd_up() {
   ssh_cmd true || { tail -20 "$LOG"; false; }
   trap - ERR INT TERM
   log "ssh answers after $(($(date +%s) - start)) s; system state: $(ssh_cmd systemctl is-system-running --wait 2>/dev/null || true)"
+}
+
+# provision LOG: ansible-playbook site.yml against the host; the output goes to LOG too.
+provision() {
+  local out=$1 start rc=0
+  start=$(date +%s)
+  log "ansible-playbook site.yml (output: $out)"
+  (cd "$REPO_DIR/ansible" && "$ANSIBLE_PLAYBOOK" -i "$INVENTORY" site.yml) 2>&1 | tee "$out" || rc=$?
+  log "playbook exit $rc after $(($(date +%s) - start)) s: $(grep -E '^e2ehost +:' "$out" | tr -s ' ' || true)"
+  return "$rc"
+}
+
+# The PLAY RECAP's changed= count of a playbook log.
+changed_count() { sed -nE 's/^e2ehost +:.* changed=([0-9]+).*/\1/p' "$1"; }
+
+cmd_up() {
+  boot_host
+  provision "$RUN_DIR/provision.log"
   print_info
 }
 
 cmd_down() {
-  local pid i
+  local pid
   if pid=$(nspawn_pid); then
     log "stopping systemd-nspawn pid $pid"
     kill -TERM "$pid"
-    for i in $(seq 1 60); do
+    for _ in $(seq 1 60); do
       [[ -d /proc/$pid ]] || break
       sleep 0.5
     done
@@ -181,28 +201,29 @@ cmd_down() {
 }
 
 cmd_test() {
-  local rc=0 start
+  local started changed
+  started=$(date +%s)
   trap 'if [[ -z ${E2E_KEEP:-} ]]; then cmd_down; fi' EXIT
   trap 'exit 130' INT TERM
-  cmd_up
-  start=$(date +%s)
-  log "ansible-playbook site.yml"
-  (cd "$REPO_DIR/ansible" && "$ANSIBLE_PLAYBOOK" -i "$INVENTORY" site.yml) || rc=$?
-  log "playbook rc=$rc after $(($(date +%s) - start)) s"
-  ((rc == 0)) || return "$rc"
-  log "smoke checks"
-  ssh_cmd systemctl is-system-running || true
-  ssh_cmd systemctl --failed --no-legend || true
-  curl -fsS -m 10 http://127.0.0.1/healthz || rc=$?
-  curl -fsS -m 10 http://127.0.0.1/infer -H 'Content-Type: application/json' \
-    -d '{"text": "The delivery was quick and the staff were lovely."}' || rc=$?
-  echo
-  return "$rc"
+  cmd_down  # always from a fresh copy of the pristine root file system
+  boot_host
+  trap 'exit 130' INT TERM  # boot_host resets these
+  provision "$RUN_DIR/provision-1.log" || die "the first playbook run failed"
+  provision "$RUN_DIR/provision-2.log" || die "the second playbook run failed"
+  changed=$(changed_count "$RUN_DIR/provision-2.log")
+  if [[ $changed != 0 ]]; then
+    grep -B3 -E '^changed:' "$RUN_DIR/provision-2.log" | grep -E '^(TASK|RUNNING HANDLER)' >&2 || true
+    die "the second playbook run changed $changed things (want changed=0); tasks above"
+  fi
+  log "second playbook run: changed=0"
+  E2E_RUN_DIR=$RUN_DIR bash "$REPO_DIR/scripts/e2e_checks.sh"
+  log "end to end: PASS in $(($(date +%s) - started)) s"
 }
 
 case ${1:-} in
   up) cmd_up ;;
+  provision) provision "$RUN_DIR/provision.log" ;;
   down) cmd_down ;;
   test) cmd_test ;;
-  *) echo "usage: $0 up|down|test" >&2; exit 2 ;;
+  *) echo "usage: $0 up|provision|down|test" >&2; exit 2 ;;
 esac

@@ -57,8 +57,20 @@ class Tally:
     failures: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, *, status: int | None, error: str | None, ms: float, offset: float,
-               request_id: str, idem: str | None, cache_hit: bool) -> None:
+    def record(
+        self,
+        *,
+        request_id: str,
+        sent_at: float,
+        run_started: float,
+        status: int | None,
+        error: str | None,
+        idem: str | None = None,
+        cache_hit: bool = False,
+    ) -> None:
+        """Count one request sent at ``sent_at`` (time.monotonic()) of a run started at ``run_started``."""
+        ms = (time.monotonic() - sent_at) * 1000
+        offset = sent_at - run_started
         with self.lock:
             if status is not None:
                 self.statuses[str(status)] += 1
@@ -70,8 +82,9 @@ class Tally:
             self.cache_hits += cache_hit
             failed = error is not None or status is None or not 200 <= status < 300
             if failed and len(self.failures) < 20:
-                self.failures.append({"t": round(offset, 3), "request_id": request_id,
-                                      "status": status, "error": error})
+                self.failures.append(
+                    {"t": round(offset, 3), "request_id": request_id, "status": status, "error": error}
+                )
 
     def summary(self, *, run_id: str, seconds: float) -> dict:
         lat = sorted(self.latencies_ms)
@@ -146,8 +159,9 @@ class Client:
             self.conn = None
 
 
-def send(client: Client, tally: Tally, *, path: str, payload: dict, headers: dict,
-         request_id: str, started: float) -> None:
+def send(
+    client: Client, tally: Tally, *, path: str, payload: dict, headers: dict, request_id: str, started: float
+) -> None:
     body = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", "X-Request-ID": request_id, **headers}
     t0 = time.monotonic()
@@ -160,8 +174,15 @@ def send(client: Client, tally: Tally, *, path: str, payload: dict, headers: dic
             cache_hit = bool(json.loads(data).get("cache_hit"))
     except (OSError, http.client.HTTPException) as ex:
         error = type(ex).__name__
-    tally.record(status=status, error=error, ms=(time.monotonic() - t0) * 1000,
-                 offset=t0 - started, request_id=request_id, idem=idem, cache_hit=cache_hit)
+    tally.record(
+        request_id=request_id,
+        sent_at=t0,
+        run_started=started,
+        status=status,
+        error=error,
+        idem=idem,
+        cache_hit=cache_hit,
+    )
 
 
 def run_steady(args: argparse.Namespace, host: str, port: int) -> Tally:
@@ -186,8 +207,15 @@ def run_steady(args: argparse.Namespace, host: str, port: int) -> Tally:
             if delay > 0:
                 time.sleep(delay)
             path, payload, headers = steady_request(n, rng)
-            send(client, tally, path=path, payload=payload, headers=headers,
-                 request_id=f"{args.run_id}-{n}", started=started)
+            send(
+                client,
+                tally,
+                path=path,
+                payload=payload,
+                headers=headers,
+                request_id=f"{args.run_id}-{n}",
+                started=started,
+            )
         client.close()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.concurrency)]
@@ -208,8 +236,12 @@ def run_burst(args: argparse.Namespace, host: str, port: int) -> Tally:
         payload = {"texts": [f"#{n}.{i} " + long_text(rng, args.chars) for i in range(args.batch_size)]}
         conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
         request_id = f"{args.run_id}-{n}"
-        conn.request("POST", "/infer/batch", body=json.dumps(payload).encode(),
-                     headers={"Content-Type": "application/json", "X-Request-ID": request_id})
+        conn.request(
+            "POST",
+            "/infer/batch",
+            body=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+        )
         conns.append((conn, request_id, time.monotonic()))
     if args.ready_file:
         pathlib.Path(args.ready_file).touch()
@@ -223,8 +255,7 @@ def run_burst(args: argparse.Namespace, host: str, port: int) -> Tally:
             error = type(ex).__name__
         finally:
             conn.close()
-        tally.record(status=status, error=error, ms=(time.monotonic() - t0) * 1000,
-                     offset=t0 - started, request_id=request_id, idem=None, cache_hit=False)
+        tally.record(request_id=request_id, sent_at=t0, run_started=started, status=status, error=error)
     return tally
 
 
