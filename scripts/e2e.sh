@@ -49,6 +49,7 @@ nspawn_pid() {
 
 require_tools() {
   local missing=()
+  [[ $EUID -eq 0 ]] || die "run as root: debootstrap and systemd-nspawn need it"
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
   command -v ssh >/dev/null || missing+=(openssh-client)
@@ -182,7 +183,7 @@ cmd_down() {
   local pid
   if pid=$(nspawn_pid); then
     log "stopping systemd-nspawn pid $pid"
-    kill -TERM "$pid"
+    kill -TERM "$pid" 2>/dev/null || true  # it may be exiting already
     for _ in $(seq 1 60); do
       [[ -d /proc/$pid ]] || break
       sleep 0.5

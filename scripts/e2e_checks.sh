@@ -146,6 +146,18 @@ check_prometheus() {
     test "$(py 'sum(len(g["rules"]) for g in d["data"]["groups"])' "$WORK/rules.json")" -gt 30
 }
 
+# Grafana's package cannot be installed here (its APT repository is unreachable),
+# so check what the role wrote for it: the dashboards where the provider looks.
+check_grafana_files() {
+  local path listed
+  path=$(ssh_cmd "sed -nE 's/^ *path: *//p' /etc/grafana/provisioning/dashboards/*.y*ml")
+  listed=$(ssh_cmd "cd $path && printf '%s ' *.json")
+  check "the dashboard provider's path $path holds the dashboards ($listed)" \
+    test "$listed" = "$(cd "$REPO_DIR/grafana/dashboards" && printf '%s ' *.json)"
+  check "the Grafana datasource points at the Prometheus that answers" \
+    ssh_cmd "grep -q 'url: http://127.0.0.1:9090' /etc/grafana/provisioning/datasources/*.y*ml && curl -fsS -m 5 http://127.0.0.1:9090/-/ready"
+}
+
 check_request_log() {
   local rows
   # All smoke requests to /infer and /infer/batch reached a worker, except the
@@ -165,5 +177,6 @@ say "== request log";      check_request_log
 say "== fault scripts";    run_faults
 say "== journal";          check_journal
 say "== Prometheus";       check_prometheus
+say "== Grafana files";    check_grafana_files
 say "checks took $(($(date +%s) - started)) s"
 verdict
