@@ -19,7 +19,6 @@ an ``Arbiter`` subclass that:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import sys
@@ -251,41 +250,9 @@ class ServiceApplication(WSGIApplication):
             sys.exit(1)
 
 
-# Third-party libraries every worker imports (about 1 s of CPU on the machines here),
-# imported once in the master, so forked workers start with them loaded.
-# NOTE: libraries only, never our modules: they create no threads, sockets or
-# metrics of ours, and the app (model, pools, log writer) is still built per worker
-# after the fork (preload_app = False).
-PRELOADED_MODULES = (
-    "numpy",
-    "scipy.sparse",
-    "joblib",
-    "sklearn.pipeline",
-    "sklearn.linear_model",
-    "sklearn.feature_extraction.text",
-    "falcon",
-    "psycopg",
-    "psycopg_pool",
-    "redis",
-)
-
-
-def preload_libraries() -> None:
-    """Import PRELOADED_MODULES.
-
-    Why: gunicorn listens before any worker has booted, and nginx sends a restarted
-    unit requests as soon as it accepts connections; those wait for a worker. With
-    the imports done in the master, that wait is the model load (~0.2 s), not ~1 s
-    of imports per worker, several seconds with two workers booting on a busy host.
-    """
-    for name in PRELOADED_MODULES:
-        importlib.import_module(name)
-
-
 def serve(gunicorn_args: list[str]) -> None:
     """Run gunicorn with falcon_svc.gunicorn_conf in this process; returns only by SystemExit."""
     # NOTE: before gunicorn's Config snapshots the environment: its own sd_notify
     # then finds no socket, and no worker inherits one.
     notifier = Notifier.from_environ(os.environ)
-    preload_libraries()
     ServiceApplication(gunicorn_args, notifier).run()

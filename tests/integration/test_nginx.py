@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +70,18 @@ class Proxy:
     status_port: int
     access_log: Path
 
-    def log_entries(self) -> list[dict]:
-        return [json.loads(line) for line in self.access_log.read_text().splitlines()]
+    def log_entries(self, until: Callable[[list[dict]], bool] = bool, within: float = 5.0) -> list[dict]:
+        """The access log's entries, once ``until(entries)`` holds (or ``within`` seconds passed).
+
+        NOTE: nginx writes a request's line after it has sent the response, so a line
+        may land a moment after the client has its answer: wait for what the test needs.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            entries = [json.loads(line) for line in self.access_log.read_text().splitlines()]
+            if until(entries) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
 
 
 @contextmanager
@@ -215,8 +225,10 @@ def test_request_id_is_kept_or_made_and_logged(proxy):
     status, headers = request_with_id(proxy.port, "not a sane id!")
     replaced = headers["X-Request-ID"]
     assert status == 200 and HEX_ID.fullmatch(replaced), headers.items()
-    logged = {entry["request_id"]: entry for entry in proxy.log_entries()}
-    for request_id in ("client-id-42", made[0], replaced):
+    ids = {"client-id-42", made[0], replaced}
+    entries = proxy.log_entries(lambda es: ids <= {e["request_id"] for e in es})
+    logged = {entry["request_id"]: entry for entry in entries}
+    for request_id in ids:
         assert request_id in logged, f"{request_id} is not in nginx's access log"
     assert logged[replaced]["status"] == 200 and logged[replaced]["upstream_addr"].startswith("127.0.0.1:")
 
@@ -270,7 +282,8 @@ def test_a_stopped_unit_is_failed_over_without_an_error(dummy_model_dir, worker_
         statuses = [status for status, _, _ in replies]
         assert statuses == [200] * 20, f"a request failed after the stop: {statuses}"
         assert {answered_by(body) for _, _, body in replies} == {"unit-a"}
-        retried = [entry for entry in proxy.log_entries() if ", " in entry["upstream_addr"]]
+        entries = proxy.log_entries(lambda es: any(", " in e["upstream_addr"] for e in es))
+        retried = [entry for entry in entries if ", " in entry["upstream_addr"]]
         assert retried, "no request was retried on the other unit: the stop was never noticed"
 
 
@@ -306,7 +319,7 @@ def test_a_post_whose_worker_died_mid_request_is_retried(worker_ports, tmp_path)
     """non_idempotent: a POST already sent to a worker that then dies is passed to the next one."""
     with dying_worker() as dying_port, running_nginx(tmp_path / "nginx", [dying_port, worker_ports[0]]) as proxy:
         statuses = [call(proxy.port, "POST", "/infer", {"text": f"retry me {i}"})[0] for i in range(4)]
-        entries = proxy.log_entries()
+        entries = proxy.log_entries(lambda es: len(es) >= 4)
     assert statuses == [200] * 4, f"a POST failed when its first worker died mid-request: {statuses}"
     retried = [entry for entry in entries if entry["upstream_status"].startswith("502, ")]
     assert retried, f"no POST reached the dying worker and was retried: {entries}"
