@@ -32,8 +32,8 @@ say() { printf '[%s %s] %s\n' "$FAULT_NAME" "$(date +%T)" "$*"; }
 die() { say "ERROR: $*"; exit 2; }
 
 # fault_init NAME: a run id (the X-Request-ID prefix of every request: RUN_ID-load-N
-# for the steady load), a work dir,
-# and the exit trap that stops the load and undoes the fault whatever happens.
+# for the steady load), a work dir, and the exit trap that stops the load and undoes
+# the fault whatever happens.
 fault_init() {
   FAULT_NAME=$1
   [[ $EUID -eq 0 ]] || die "run as root on the falcon-svc host (systemctl, psql as postgres)"
