@@ -2,9 +2,10 @@
 # The end-to-end assertions against a provisioned falcon-e2e host (scripts/e2e.sh up
 # or test): units and their notify readiness, HTTP through nginx on port 80, every
 # failure-injection script run on the host, journal JSON lines, Prometheus targets,
-# and the request log. One PASS/FAIL line per check; exits 1 if any failed.
+# rules and Alertmanager, Grafana's provisioning, and the request log. One PASS/FAIL
+# line per check; exits 1 if any failed.
 #
-#   scripts/e2e_checks.sh              all of it (about 7 minutes)
+#   scripts/e2e_checks.sh              all of it (about 4 minutes)
 #   E2E_FAULTS="stop_worker" scripts/e2e_checks.sh    only these fault scripts
 set -euo pipefail
 
