@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import falcon.testing
 import pytest
@@ -22,14 +20,6 @@ from falcon_svc.settings import Settings
 
 pytestmark = pytest.mark.integration
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

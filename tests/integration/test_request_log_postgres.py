@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -27,19 +26,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    # NOTE: the cluster runs as the postgres user, which cannot enter pytest's
-    # root-only (0700) tmp dirs; so it lives in a traversable dir of its own.
-    base = Path(tempfile.mkdtemp(prefix="falcon-pg-"))
-    base.chmod(0o755)
-    (base / "pg").mkdir()
-    server = PostgresServer(base / "pg")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(tmp_path_factory.mktemp("pg"))
     server.init()
     try:
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        server.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from servers import PostgresServer, RedisServer, free_port
+from servers import PostgresServer, free_port
 from test_gunicorn_serving import call, running_service, service_env
 
 from falcon_svc.migrate import apply_migrations
@@ -34,16 +34,6 @@ def postgres(tmp_path: Path) -> Iterator[PostgresServer]:
     apply_migrations(server.dsn)
     yield server
     server.destroy()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()
 
 
 def full_env(model_dir: Path, port: int, tmp_path: Path, redis_server, postgres, **extra: str) -> dict[str, str]:
