@@ -123,10 +123,14 @@ def _reset_multiproc_dir(path: Path) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """Hook SIGTERM so /readyz turns 503 the moment the drain starts."""
+    """Hook SIGTERM so /readyz turns 503 the moment the drain starts; give meinheld our body limit."""
     from falcon_svc.lifecycle import LIFECYCLE
 
     LIFECYCLE.install_sigterm_hook()
+    if _settings.worker_class == "meinheld":
+        # NOTE: meinheld reads a whole body before the app runs, and refuses one over
+        # its own limit (16 MiB) itself; at MAX_BODY_BYTES both limits are the same.
+        worker.max_body_bytes = _settings.max_body_bytes
 
 
 def child_exit(server, worker) -> None:

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 WORKER_CLASSES = {
-    "sync": "sync",
-    "gthread": "gthread",
+    "sync": "falcon_svc.gunicorn_workers.SyncWorker",
+    "gthread": "falcon_svc.gunicorn_workers.ThreadWorker",
     "meinheld": "falcon_svc.workers.MeinheldWorker",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

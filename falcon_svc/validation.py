@@ -20,12 +20,18 @@ RAW_LENGTH_FACTOR = 4
 
 
 def read_json(req: falcon.Request, max_bytes: int) -> Any:
-    """Return the decoded JSON body of ``req``.
+    """Return the decoded JSON body of ``req``, which must say it is ``application/json``.
 
     Raises:
         APIError: 415 for a non-JSON content type, 413 for a body over
-            ``max_bytes``, 400 for a body that is not UTF-8 JSON.
+            ``max_bytes``, 400 for a body that is not strict UTF-8 JSON.
     """
+    require_json_content_type(req)
+    return parse_json(request_body(req, max_bytes))
+
+
+def require_json_content_type(req: falcon.Request) -> None:
+    """Raise a 415 unless the request says its body is ``application/json``."""
     media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
     if media_type not in JSON_MEDIA_TYPES:
         raise APIError(
@@ -33,31 +39,99 @@ def read_json(req: falcon.Request, max_bytes: int) -> Any:
             "unsupported_media_type",
             f"Send the body as application/json (got {req.content_type or 'no Content-Type'}).",
         )
-    length = req.content_length
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    # NOTE: read one byte past the limit, so a chunked body that lies about
-    # (or omits) its length is still caught without reading it all. The
-    # idempotency middleware may have read it already.
+
+
+def request_body(req: falcon.Request, max_bytes: int) -> bytes:
+    """Return the whole body of ``req``, read once (the idempotency middleware may have read it).
+
+    Raises:
+        APIError: 413 for a body over ``max_bytes``.
+    """
     raw = req.context.get("raw_body")
     if raw is None:
         raw = read_body(req, max_bytes)
     if len(raw) > max_bytes:
         raise _too_large(max_bytes)
-    if not raw:
-        raise APIError(falcon.HTTP_400, "invalid_json", "The request body is empty; send a JSON object.")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as ex:
-        raise APIError(falcon.HTTP_400, "invalid_json", f"The body is not valid UTF-8 JSON: {ex}.") from ex
+    return raw
 
 
 def read_body(req: falcon.Request, max_bytes: int) -> bytes:
-    """Read up to ``max_bytes + 1`` bytes of the body; a broken upload is a 400, not a 500."""
+    """Read up to ``max_bytes + 1`` bytes of the body, with a length or chunked.
+
+    NOTE: one byte past the limit is read, so a chunked body (no Content-Length)
+    over the limit is caught without reading all of it; a declared length over
+    the limit is refused before reading anything. A broken upload is a 400.
+    """
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise _too_large(max_bytes)
+    if length is not None:
+        stream = req.bounded_stream
+    elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+        # Falcon's bounded_stream reads nothing without a Content-Length; the
+        # server (gunicorn, meinheld) has already undone the chunking in wsgi.input.
+        stream = req.stream
+    else:
+        return b""
+    limit = max_bytes + 1
+    chunks: list[bytes] = []
+    received = 0
     try:
-        return req.bounded_stream.read(max_bytes + 1)
+        while received < limit:
+            chunk = stream.read(limit - received)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            received += len(chunk)
     except Exception as ex:  # the server's own errors: bad chunking, client gone
         raise APIError(falcon.HTTP_400, "invalid_body", f"The request body could not be read: {ex}.") from ex
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _NotStrictJSONError(ValueError):
+    """Raised by the decoder's hooks for what Python's json accepts but RFC 8259 does not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotStrictJSONError(f"{name} is not a JSON value")
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _NotStrictJSONError(f"the key {duplicate!r} appears more than once in one object")
+    return obj
+
+
+# NOTE: Python's json accepts NaN and Infinity and keeps the last of duplicate
+# keys; both would let a client's request mean something other than it says.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicate_keys)
+
+
+def parse_json(raw: bytes) -> Any:
+    """Decode a body as strict JSON: UTF-8 without a BOM, no NaN/Infinity, no duplicate keys.
+
+    Raises:
+        APIError: 400 ``invalid_json`` naming what is wrong.
+    """
+    if not raw:
+        raise APIError(falcon.HTTP_400, "invalid_json", "The request body is empty; send a JSON object.")
+    try:
+        # NOTE: decode first: json.loads(bytes) would guess UTF-16 or UTF-32 from
+        # the first bytes and accept them; the contract is UTF-8 (RFC 8259, 8.1).
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as ex:
+        raise APIError(falcon.HTTP_400, "invalid_json", f"The body is not UTF-8: {ex}.") from ex
+    if text.startswith("\ufeff"):
+        raise APIError(
+            falcon.HTTP_400, "invalid_json", "The body starts with a byte order mark; send UTF-8 without one."
+        )
+    try:
+        return _STRICT_DECODER.decode(text)
+    except (ValueError, RecursionError) as ex:
+        raise APIError(falcon.HTTP_400, "invalid_json", f"The body is not valid JSON: {ex}.") from ex
 
 
 def _too_large(max_bytes: int) -> APIError:

@@ -18,6 +18,13 @@ before serving and then from meinheld's Python watchdog hook, hands meinheld a l
 adapter instead of patching gunicorn, and puts gunicorn's signal handling back once
 meinheld's loop is running.
 Select it with ``worker_class = "falcon_svc.workers.MeinheldWorker"``.
+
+Two more defects live in meinheld's C core, before any Python runs, so no worker class
+can fix them: its own errors (a body over ``max_content_length``, a malformed request)
+are HTML pages, and it answers ``Expect: 100-continue`` only after the whole body has
+arrived, which the client holds back until it gets the 100 (a 1 s stall with curl).
+``scripts/meinheld/install.sh`` builds meinheld with our patches for both, as
+``1.0.2+falcon.1``; ``check_config`` warns when the stock build is installed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from importlib import metadata
 from types import FrameType
 from typing import Any
 
@@ -40,6 +48,9 @@ from meinheld import server
 # and waits at most one second for events: an idle worker heartbeats every second,
 # two at worst. Below this, the arbiter could kill healthy idle workers.
 MIN_TIMEOUT_SECONDS = 3
+
+# The build of meinheld that scripts/meinheld/install.sh makes, with our C patches.
+PATCHED_MEINHELD_VERSION = "1.0.2+falcon.1"
 
 # The signals meinheld's server.run() takes over with its own C handlers.
 _SIGNALS_MEINHELD_TAKES = (signal.SIGTERM, signal.SIGINT)
@@ -99,6 +110,11 @@ class _LoggedResponse:
 class MeinheldWorker(Worker):
     """Serve with meinheld, heartbeating, logging and shutting down the gunicorn way."""
 
+    # Largest request body meinheld reads before answering 413 itself (it buffers the
+    # whole body before the app runs). None keeps meinheld's own 16 MiB; the service
+    # sets MAX_BODY_BYTES here (gunicorn_conf.post_worker_init) so both limits agree.
+    max_body_bytes: int | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # NOTE: this runs in the master, before fork: nothing process-wide here.
         super().__init__(*args, **kwargs)
@@ -116,6 +132,15 @@ class MeinheldWorker(Worker):
                 cfg.timeout,
                 MIN_TIMEOUT_SECONDS,
             )
+        installed = metadata.version("meinheld")
+        if installed != PATCHED_MEINHELD_VERSION:
+            log.warning(
+                "meinheld %s is not our patched build %s: its own errors (413 over the body limit, "
+                "400) will be HTML and 'Expect: 100-continue' stalls; install it with "
+                "scripts/meinheld/install.sh",
+                installed,
+                PATCHED_MEINHELD_VERSION,
+            )
 
     def run(self) -> None:
         """Configure meinheld from gunicorn's settings and serve until told to stop."""
@@ -127,6 +152,8 @@ class MeinheldWorker(Worker):
         server.set_access_logger(adapter if getattr(self.log, "access_log_enabled", True) else None)
         server.set_keepalive(self.cfg.keepalive)
         server.set_picoev_max_fd(self.cfg.worker_connections)
+        if self.max_body_bytes is not None:
+            server.set_max_content_length(self.max_body_bytes)
         server.set_listen_socket([sock.fileno() for sock in self.sockets])
         # NOTE: never set_fastwatchdog(): once it is set, meinheld ignores this hook.
         server.set_watchdog(self.watchdog)

@@ -198,7 +198,7 @@ def _sentences_fingerprint(path: Path | None, sentences: tuple[list[str], list[s
 def _evaluate_sentences(pipeline: Pipeline, path: Path) -> dict:
     texts, labels = load_sentences(path)
     result = evaluate(list(pipeline.predict(texts)), labels, texts)
-    return {"path": str(path), **result}
+    return {"source": path.name, **result}
 
 
 def train_model(

@@ -60,6 +60,9 @@ class LivenessResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "alive"}
 
+    # Load balancers and uptime checkers often probe with HEAD; Falcon sends no body.
+    on_head = on_get
+
 
 class ReadinessResource:
     """``GET /readyz``: 200 when the model is loaded and the worker is not draining."""
@@ -71,3 +74,5 @@ class ReadinessResource:
         ready, detail = self._readiness.report()
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = detail
+
+    on_head = on_get

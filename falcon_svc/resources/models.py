@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import posixpath
+from typing import Any
+
 import falcon
 
 from falcon_svc.model import Model
@@ -25,5 +28,21 @@ def model_summary(model: Model) -> dict:
         "kind": model.kind,
         "scorer": model.scorer,
         "labels": list(model.labels),
-        "metadata": model.metadata,
+        "metadata": _without_absolute_paths(model.metadata),
     }
+
+
+def _without_absolute_paths(value: Any) -> Any:
+    """Return ``value`` with every absolute path cut to its file name.
+
+    NOTE: artifacts trained before 2026-12 recorded where their evaluation sets
+    lay on the training machine; a public endpoint should not tell anyone the
+    layout of our file systems.
+    """
+    if isinstance(value, dict):
+        return {key: _without_absolute_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_absolute_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return posixpath.basename(value)
+    return value

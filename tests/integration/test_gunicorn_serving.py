@@ -116,7 +116,11 @@ def test_serves_with_each_worker_class(dummy_model_dir, tmp_path, worker_class):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, "a SIGTERM stop must exit 0"
     # gunicorn silently swaps "sync" for gthread when threads > 1: check what ran.
-    expected = {"sync": "sync", "gthread": "gthread", "meinheld": "falcon_svc.workers.MeinheldWorker"}[worker_class]
+    expected = {
+        "sync": "falcon_svc.gunicorn_workers.SyncWorker",
+        "gthread": "falcon_svc.gunicorn_workers.ThreadWorker",
+        "meinheld": "falcon_svc.workers.MeinheldWorker",
+    }[worker_class]
     assert f"Using worker: {expected}" in (tmp_path / "service.log").read_text()
 
 

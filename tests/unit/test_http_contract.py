@@ -7,6 +7,7 @@ import json
 import falcon.testing
 import pytest
 
+from falcon_svc.app import create_app
 from falcon_svc.lifecycle import Lifecycle
 from falcon_svc.model import Model
 
@@ -128,6 +129,36 @@ class TestBadInput:
     def test_empty_body_is_400(self, client):
         assert_error(client.simulate_post("/infer", body="", headers=JSON), 400, "invalid_json")
 
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            '{"text": "good"}'.encode("utf-16"),  # with its BOM; json.loads(bytes) would accept it
+            '{"text": "good"}'.encode("utf-16-le"),
+            '{"text": "good"}'.encode("utf-32"),
+            b'\xef\xbb\xbf{"text": "good"}',  # UTF-8 with a byte order mark
+        ],
+        ids=["utf-16", "utf-16-le", "utf-32", "utf-8-bom"],
+    )
+    def test_a_body_that_is_not_plain_utf8_is_400(self, client, raw):
+        assert_error(client.simulate_post("/infer", body=raw, headers=JSON), 400, "invalid_json")
+
+    @pytest.mark.parametrize(
+        "raw",
+        ['{"texts": ["a"], "x": NaN}', '{"text": "a", "n": Infinity}', '{"text": "a", "n": -Infinity}'],
+    )
+    def test_nan_and_infinity_are_400(self, client, raw):
+        result = client.simulate_post("/infer", body=raw, headers=JSON)
+        assert_error(result, 400, "invalid_json")
+        assert "is not a JSON value" in result.json["error"]["message"], result.json
+
+    @pytest.mark.parametrize(
+        "raw", ['{"text": "good", "text": "bad"}', '{"texts": [{"a": 1, "a": 2}]}'], ids=["top", "nested"]
+    )
+    def test_duplicate_keys_are_400(self, client, raw):
+        result = client.simulate_post("/infer" if '"text"' in raw else "/infer/batch", body=raw, headers=JSON)
+        assert_error(result, 400, "invalid_json")
+        assert "appears more than once" in result.json["error"]["message"], result.json
+
     @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
     def test_wrong_content_type_is_415(self, client, content_type):
         headers = {"Content-Type": content_type} if content_type else {}
@@ -195,6 +226,12 @@ class TestProbes:
     def test_healthz(self, client):
         assert client.simulate_get("/healthz").json == {"status": "alive"}
 
+    @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+    def test_head_on_probes_is_200_without_a_body(self, client, path):
+        result = client.simulate_head(path)
+        assert result.status_code == 200, result.text
+        assert result.content == b"", "HEAD must not carry a body"
+
     def test_readyz_ready_then_draining(self, client, lifecycle: Lifecycle):
         ready = client.simulate_get("/readyz")
         assert ready.status_code == 200
@@ -214,6 +251,15 @@ class TestProbes:
         assert listed["version"] == model.version
         assert listed["labels"] == list(model.labels)
         assert listed["metadata"]["sha256"] == model.metadata["sha256"]
+
+    def test_models_shows_no_absolute_paths(self, settings, model: Model, lifecycle: Lifecycle):
+        # Artifacts trained before 2026-12 recorded where their evaluation sets lay.
+        metadata = {**model.metadata, "evaluation": {"clean": {"path": "/srv/train/tests/data/clean_sentences.csv"}}}
+        with_paths = Model(model._scorer, model.scorer, metadata)
+        client = falcon.testing.TestClient(create_app(settings, with_paths, lifecycle=lifecycle))
+        body = json.dumps(client.simulate_get("/v1/models").json)
+        assert "/srv/train" not in body, body
+        assert '"clean_sentences.csv"' in body, "the file name itself stays"
 
     def test_metrics_exposes_request_counts(self, client):
         post(client, "/infer", {"text": "metrics please"})

@@ -31,7 +31,8 @@ def test_values_are_parsed():
     )
     assert settings.workers == 4
     assert settings.fast_path is False
-    assert settings.worker_class == "gthread" and settings.gunicorn_worker_class == "gthread"
+    assert settings.worker_class == "gthread"
+    assert settings.gunicorn_worker_class == "falcon_svc.gunicorn_workers.ThreadWorker"
     assert settings.bind == "unix:/run/x.sock"
     assert settings.log_level == "debug"
 

@@ -1,0 +1,73 @@
+"""gunicorn's own sync and gthread workers, answering their own errors in our JSON shape.
+
+gunicorn answers what it refuses before the app runs (a malformed request line or
+header, a URI over ``limit_request_line``, too many or too long headers, bad chunking)
+with an HTML page from ``gunicorn.util.write_error``. A client would then get HTML from
+the server and JSON from the app for the same kind of mistake. These subclasses swap
+that function, in the worker process only, for one that writes
+``{"error": {"code", "message", "field": null}}`` with the same status and reason.
+(meinheld's own error pages come from its C core: see ``falcon_svc.workers``.)
+"""
+
+from __future__ import annotations
+
+import json
+
+from gunicorn import util
+from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
+from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
+
+# Stable codes for the statuses gunicorn's handle_error() can answer with.
+_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "header_fields_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def error_page(status: int, reason: str, message: str) -> bytes:
+    """Return a whole HTTP/1.1 error response with the service's JSON error body."""
+    body = json.dumps(
+        {
+            "error": {
+                "code": _CODES.get(status, f"http_{status}"),
+                # gunicorn leaves the message empty for a 500: say something useful.
+                "message": message or f"{reason}.",
+                "field": None,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    return head + body
+
+
+def write_json_error(sock: object, status_int: int, reason: str, mesg: str) -> None:
+    """Stand in for ``gunicorn.util.write_error``, with the same signature."""
+    util.write_nonblock(sock, error_page(int(status_int), reason, mesg))
+
+
+class _JSONErrors:
+    """Mixin: install ``write_json_error`` when the worker process starts."""
+
+    def init_process(self) -> None:
+        # NOTE: this runs after the fork, in the worker; the master never writes
+        # error pages, and its gunicorn.util stays untouched.
+        util.write_error = write_json_error
+        super().init_process()  # type: ignore[misc]
+
+
+class SyncWorker(_JSONErrors, _GunicornSyncWorker):
+    """gunicorn's sync worker with JSON error pages."""
+
+
+class ThreadWorker(_JSONErrors, _GunicornThreadWorker):
+    """gunicorn's gthread worker with JSON error pages."""
