@@ -1,8 +1,15 @@
-"""The one JSON error shape, and the handlers that make every failure use it.
+"""The JSON error shapes, and the handlers that make every failure use one.
 
 Every error body is ``{"error": {"code": ..., "message": ..., "field": ...}}``:
 ``code`` is a stable machine-readable token, ``message`` is for humans and
 ``field`` names the offending input (or is null).
+
+Under ``/v2`` (the Open Inference Protocol) the body is OIP's instead:
+``{"error": "<message>", "code": ..., "field": ...}``. OIP clients read
+``error`` as the message string (tritonclient raises
+``InferenceServerException(msg=body["error"])`` and ignores other keys), so
+the stable ``code`` and the ``field`` ride along as extra keys, and
+``falcon_input_errors_total`` counts by the same codes on every route.
 """
 
 from __future__ import annotations
@@ -55,19 +62,29 @@ _FALCON_CODES = {
 }
 
 
+OIP_PREFIX = "/v2"
+
+
+def is_oip_path(path: str) -> bool:
+    """Tell whether ``path`` is under the Open Inference Protocol's ``/v2`` (not ``/v2x``)."""
+    return path.startswith(OIP_PREFIX) and (len(path) == len(OIP_PREFIX) or path[len(OIP_PREFIX)] == "/")
+
+
 def serialize_error(req: falcon.Request, resp: falcon.Response, exception: falcon.HTTPError) -> None:
-    """Write any ``HTTPError`` in the one JSON shape, whatever the client accepts."""
+    """Write any ``HTTPError`` as JSON, whatever the client accepts: OIP's shape under /v2, else ours."""
     status = exception.status_code
     if isinstance(exception, APIError):
-        code = exception.code
-        body = exception.to_dict()
+        code, message, field = exception.code, exception.description, exception.field
     else:
         code = _FALCON_CODES.get(status, f"http_{status}")
         message = exception.description or exception.title or falcon.code_to_http_status(status)
-        body = {"error": {"code": code, "message": message, "field": None}}
+        field = None
     if 400 <= status < 500:
         metrics.INPUT_ERRORS.labels(code).inc()
-    resp.media = body
+    if is_oip_path(req.path):
+        resp.media = {"error": message, "code": code, "field": field}
+    else:
+        resp.media = {"error": {"code": code, "message": message, "field": field}}
     resp.content_type = falcon.MEDIA_JSON
 
 

@@ -15,6 +15,7 @@ request (method, path, canonical body) for ``IDEMPOTENCY_TTL_SECONDS``. Later:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 HEADER = "X-Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 STATUS_HEADER = "Idempotency-Status"
+# Response headers a replay must carry to be read as the original was.
+REPLAYED_RESPONSE_HEADERS = ("Inference-Header-Content-Length",)
 _VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 # Claim the key if free (returns nil), else return what is stored: one round trip.
@@ -161,17 +164,24 @@ class IdempotencyStore:
         return Claim(Outcome.REPLAYED, redis_key, stored=record)
 
     def complete(self, claim: Claim, status: int, body: bytes, headers: dict[str, str]) -> None:
-        """Store the response of a claimed request; a failure only costs the replay."""
-        record = json.dumps(
-            {
-                "state": "done",
-                "fp": claim.fingerprint,
-                "token": claim.token,
-                "status": status,
-                "body": body.decode("utf-8"),
-                "headers": headers,
-            }
-        )
+        """Store the response of a claimed request; a failure only costs the replay.
+
+        ``headers`` are replayed as they are (the request id, the content type and,
+        for OIP binary tensors, ``Inference-Header-Content-Length``).
+        """
+        stored: dict[str, Any] = {
+            "state": "done",
+            "fp": claim.fingerprint,
+            "token": claim.token,
+            "status": status,
+            "headers": headers,
+        }
+        try:
+            stored["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            # An OIP reply with binary tensors; JSON cannot hold its bytes as they are.
+            stored["body_base64"] = base64.b64encode(body).decode("ascii")
+        record = json.dumps(stored)
         self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl]))
 
     def release(self, claim: Claim) -> None:
@@ -247,7 +257,15 @@ class IdempotencyMiddleware:
         try:
             if req_succeeded and 200 <= resp.status_code < 300:
                 body = resp.render_body() or b""
-                self._store.complete(claim, resp.status_code, body, {"X-Request-ID": req.context.request_id})
+                headers = {
+                    "X-Request-ID": req.context.request_id,
+                    "Content-Type": resp.content_type or falcon.MEDIA_JSON,
+                }
+                for name in REPLAYED_RESPONSE_HEADERS:
+                    value = resp.get_header(name)
+                    if value is not None:
+                        headers[name] = value
+                self._store.complete(claim, resp.status_code, body, headers)
                 return
         except Exception:
             # A response that cannot be stored must not leave the key claimed.
@@ -257,12 +275,20 @@ class IdempotencyMiddleware:
 
     @staticmethod
     def _replay(req: falcon.Request, resp: falcon.Response, stored: dict[str, Any]) -> None:
+        headers = stored["headers"]
         resp.status = stored["status"]
-        resp.data = stored["body"].encode("utf-8")
-        resp.content_type = falcon.MEDIA_JSON
+        if "body_base64" in stored:
+            resp.data = base64.b64decode(stored["body_base64"])
+        else:
+            resp.data = stored["body"].encode("utf-8")
+        # Records stored before 2026-12 have no Content-Type: they were all JSON.
+        resp.content_type = headers.get("Content-Type", falcon.MEDIA_JSON)
+        for name in REPLAYED_RESPONSE_HEADERS:
+            if name in headers:
+                resp.set_header(name, headers[name])
         resp.set_header(REPLAYED_HEADER, "true")
         # The replay answers with the original request id; this request keeps its
         # own id in the logs.
-        req.context.response_request_id = stored["headers"].get("X-Request-ID")
+        req.context.response_request_id = headers.get("X-Request-ID")
         req.context.idempotent_replay = True
         resp.complete = True

@@ -22,7 +22,9 @@ UNMATCHED_ROUTE = "unmatched"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Routes whose every request gets a row in PostgreSQL's request_log (probes and
 # scrapes would only bury them).
-LOGGED_ROUTES = frozenset({"/infer", "/infer/batch", "/v2/models/{name}/infer"})
+LOGGED_ROUTES = frozenset(
+    {"/infer", "/infer/batch", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+)
 
 
 def new_request_id() -> str:

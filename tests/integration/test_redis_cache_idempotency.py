@@ -108,6 +108,27 @@ class TestIdempotency:
         assert replay.json == first.json, "the replay must be the stored response, as it was"
         assert replay.headers["x-request-id"] == first.headers["x-request-id"] == first.json["request_id"]
 
+    def test_a_binary_oip_reply_is_replayed_byte_for_byte(self, redis_settings, model):
+        # tritonclient asks for binary tensors by default when it names no outputs.
+        client, _ = build(redis_settings, model)
+        request = {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["charge me once"]}],
+            "parameters": {"binary_data_output": True},
+        }
+
+        def send() -> falcon.testing.Result:
+            return client.simulate_post(
+                f"/v2/models/{model.name}/infer", body=json.dumps(request), headers={"X-Idempotency-Key": "bin-1"}
+            )
+
+        first, replay = send(), send()
+        assert first.status_code == replay.status_code == 200, first.text
+        assert replay.headers.get("idempotent-replayed") == "true", replay.headers
+        assert first.headers["content-type"] == "application/octet-stream", first.headers
+        assert replay.content == first.content, "the replay must be the stored bytes, as they were"
+        for header in ("content-type", "inference-header-content-length"):
+            assert replay.headers[header] == first.headers[header], header
+
     def test_same_key_other_body_is_422(self, redis_settings, model):
         client, _ = build(redis_settings, model)
         infer(client, "first body", key="order-2")
