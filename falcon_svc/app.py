@@ -27,6 +27,7 @@ from falcon_svc.resources.infer import BatchInferResource, InferResource
 from falcon_svc.resources.metrics import MetricsResource
 from falcon_svc.resources.models import ModelsResource
 from falcon_svc.resources.openapi import OpenAPIResource
+from falcon_svc.resources.ui import DemoPageResource, DocsPageResource, StaticAssetResource, SwaggerAssetResource
 from falcon_svc.resources.v2 import (
     V2InferResource,
     V2LiveResource,
@@ -79,14 +80,23 @@ def create_app(
     app.add_route("/v1/models", ModelsResource(model))
     app.add_route("/metrics", MetricsResource())
     app.add_route("/openapi.json", OpenAPIResource())
+    app.add_route("/", DemoPageResource())
+    app.add_route("/static/{asset}", StaticAssetResource())
+    app.add_route("/docs", DocsPageResource())
+    app.add_route("/docs/{asset}", SwaggerAssetResource())
 
-    v2_ready = V2ReadyResource(readiness, model.name)
+    v2_ready = V2ReadyResource(readiness, model)
+    v2_model = V2ModelResource(model)
+    v2_infer = V2InferResource(classifier, settings)
     app.add_route("/v2", V2ServerResource())
     app.add_route("/v2/health/live", V2LiveResource())
     app.add_route("/v2/health/ready", v2_ready)
-    app.add_route("/v2/models/{name}", V2ModelResource(classifier))
+    app.add_route("/v2/models/{name}", v2_model)
     app.add_route("/v2/models/{name}/ready", v2_ready)
-    app.add_route("/v2/models/{name}/infer", V2InferResource(classifier, settings))
+    app.add_route("/v2/models/{name}/infer", v2_infer)
+    app.add_route("/v2/models/{name}/versions/{version}", v2_model)
+    app.add_route("/v2/models/{name}/versions/{version}/ready", v2_ready)
+    app.add_route("/v2/models/{name}/versions/{version}/infer", v2_infer)
 
     metrics.MODEL_INFO.labels(model.name, model.version, model.kind, model.scorer).set(1)
     metrics.WORKER_START_TIME.set(time.time())

@@ -8,15 +8,16 @@ outgrow it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -26,12 +27,15 @@ from pathlib import Path
 import pytest
 from servers import free_port, stop_process, wait_for_port
 from test_gunicorn_serving import call, running_service, service_env
+from tools import require_tool
+
+from falcon_svc.resources import ui
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "nginx" / "falcon-svc.conf.j2"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
+WEB_ROOT = REPO_ROOT / "falcon_svc" / "web"
 
 
 def comment(text: str) -> str:
@@ -105,6 +109,7 @@ def running_nginx(
                 "falcon_rate_burst": burst,
                 "falcon_proxy_read_timeout": "35s",
                 "falcon_nginx_access_log": str(proxy.access_log),
+                "falcon_web_root": str(WEB_ROOT),
             },
         )
     )
@@ -119,7 +124,8 @@ def running_nginx(
         f"events {{ worker_connections 256; }}\n"
         f"http {{\n    access_log off;\n{temp_paths}\n    include {site};\n}}\n"
     )
-    command = [NGINX, "-c", str(main_conf), "-p", str(directory), "-e", str(directory / "error.log")]
+    nginx = require_tool("nginx", "nginx")
+    command = [nginx, "-c", str(main_conf), "-p", str(directory), "-e", str(directory / "error.log")]
     checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=10, check=False)
     assert checked.returncode == 0, f"nginx -t rejects the rendered template:\n{checked.stderr}"
     process = subprocess.Popen([*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -343,3 +349,74 @@ def established_to(ports: list[int]) -> int:
             local_port, state = int(fields[1].rsplit(":", 1)[1], 16), fields[3]
             count += state == "01" and local_port in ports
     return count
+
+
+def fetch(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None):
+    """Return (status, headers, raw body bytes) for one request, errors included."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as ex:
+        return ex.code, ex.headers, ex.read()
+
+
+def served_without_a_worker(proxy: Proxy, uri: str) -> bool:
+    """Whether nginx's log shows ``uri`` answered with no upstream (from disk)."""
+    entries = proxy.log_entries(lambda es: any(e["uri"] == uri for e in es))
+    return [entry["upstream_addr"] for entry in entries if entry["uri"] == uri][-1] == ""
+
+
+def test_demo_page_is_served_from_disk_with_the_apps_headers(proxy):
+    status, headers, body = fetch(proxy.port, "/")
+    assert status == 200, body
+    assert body == (WEB_ROOT / "index.html").read_bytes(), "nginx did not serve falcon_svc/web/index.html"
+    assert headers["Content-Type"] == ui.CONTENT_TYPES[".html"], headers.items()
+    assert headers["Cache-Control"] == ui.REVALIDATE and headers["ETag"], headers.items()
+    assert headers["Content-Security-Policy"] == ui.CONTENT_SECURITY_POLICY, "nginx and the app send different CSPs"
+    assert headers["X-Content-Type-Options"] == "nosniff", headers.items()
+    assert HEX_ID.fullmatch(headers["X-Request-ID"]), headers.items()
+    assert served_without_a_worker(proxy, "/"), "GET / went to a worker instead of disk"
+
+
+@pytest.mark.parametrize("name", ui.OWN_ASSETS)
+def test_static_files_are_served_from_disk(proxy, name):
+    path = f"/static/{name}"
+    status, headers, body = fetch(proxy.port, path)
+    assert status == 200, body
+    assert body == (WEB_ROOT / name).read_bytes(), f"nginx did not serve falcon_svc/web/{name}"
+    assert headers["Content-Type"] == ui.CONTENT_TYPES[Path(name).suffix], headers.items()
+    assert headers["Cache-Control"] == ui.REVALIDATE, headers.items()
+    assert served_without_a_worker(proxy, path), f"GET {path} went to a worker instead of disk"
+
+
+@pytest.mark.parametrize("path", ["/static/missing.js", "/static/index.html", "/static/../app.py"])
+def test_unknown_static_files_get_json_404(proxy, path):
+    status, headers, body = fetch(proxy.port, path)
+    assert status == 404, body
+    assert headers["Content-Type"].startswith("application/json"), headers.items()
+    assert json.loads(body)["error"]["code"] == "not_found", body
+
+
+def test_post_to_the_demo_page_gets_json_405(proxy):
+    status, headers, body = fetch(proxy.port, "/", method="POST", headers={"Content-Type": "application/json"})
+    assert status == 405, body
+    assert json.loads(body)["error"]["code"] == "method_not_allowed", body
+    assert headers["Allow"] == "GET, HEAD" and HEX_ID.fullmatch(headers["X-Request-ID"]), headers.items()
+
+
+def test_docs_page_is_proxied_to_the_app(proxy):
+    status, headers, body = fetch(proxy.port, "/docs")
+    assert status == 200, body
+    assert body == (WEB_ROOT / "docs.html").read_bytes(), body[:200]
+    assert headers["Content-Security-Policy"] == ui.CONTENT_SECURITY_POLICY, headers.items()
+
+
+def test_swagger_ui_script_is_proxied_gzipped_and_cacheable(proxy):
+    status, headers, body = fetch(proxy.port, "/docs/swagger-ui-bundle.js", headers={"Accept-Encoding": "gzip"})
+    assert status == 200, body[:200]
+    assert headers["Content-Encoding"] == "gzip", headers.items()
+    original = (ui.swagger_ui_dir() / "swagger-ui-bundle.js").read_bytes()
+    assert gzip.decompress(body) == original, "the gzipped script is not Swagger UI's"
+    assert len(body) < len(original) / 2, f"gzip saved little: {len(body)} of {len(original)} bytes"
+    assert headers["Cache-Control"] == ui.PINNED, headers.items()
