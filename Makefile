@@ -6,24 +6,51 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-MODEL_DIR ?= models/sentiment
-BIND ?= 127.0.0.1:8000
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-check e2e-down clean system-deps
+# Settings of `make run` and `make model`, by precedence: the command line
+# (`make run BIND=...`), then the process environment (`BIND=0.0.0.0:8080 make run`),
+# then .env, then the defaults here. `make run` passes every other key of
+# .env.example to the service in the same order. .env is read as the shell reads it
+# (`. ./.env`), both here and in `make run`.
+dotenv = $(if $(wildcard .env),$(shell set -a; . ./.env >/dev/null 2>&1; printf '%s' "$${$(1)-}"))
+setting = $(if $(filter undefined default,$(origin $(1))),$(eval $(1) := $(or $(call dotenv,$(1)),$(2))))
+$(call setting,MODEL_DIR,models/sentiment)
+$(call setting,BIND,127.0.0.1:8000)
+# In a recipe: source .env without overriding the process environment (remember what
+# is exported, source .env, put the remembered values back).
+LOAD_DOTENV := if [ -f .env ]; then saved=$$(export -p); set -a; . ./.env; set +a; eval "$$saved"; fi
+
+# The Debian packages whose binaries and servers the tests run (tests/tools.py: a
+# missing one fails under CI). chromium and chromium-driver: the browser tests.
+TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node-exporter \
+  prometheus-alertmanager systemd chromium chromium-driver
+# What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
+E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl iproute2
+# tests/test_model_quality.py checks the model here, whatever MODEL_DIR says.
+TEST_MODEL_DIR := models/sentiment
+
+.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-check e2e-down clean system-deps \
+  e2e-system-deps check-health
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## Install the Debian/Ubuntu packages (apt, as root or via sudo)
-	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
+system-deps:  ## Install every Debian/Ubuntu package that run, test and e2e need (apt, as root or via sudo)
+	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES) $(E2E_SYSTEM_PACKAGES)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
+e2e-system-deps:
+	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(E2E_SYSTEM_PACKAGES)
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml \
+  $(wildcard scripts/meinheld/*)
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	@# meinheld with our C patches (JSON error pages, an early 100 Continue): README.
+	bash scripts/meinheld/install.sh $(PY)
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 
@@ -41,23 +68,24 @@ $(DEPLOY_STAMP): requirements-deploy.txt
 deploy-tools: $(DEPLOY_STAMP)  ## Create .venv-deploy with ansible-core and ansible-lint
 
 model: $(STAMP)  ## Train the model unless a valid one of the current format is there
-	$(PY) scripts/train_model.py --output-dir $(MODEL_DIR)
+	$(PY) scripts/train_model.py --output-dir '$(MODEL_DIR)'
 
-run: $(STAMP) model  ## Start the service on $(BIND) with 2 workers
-	@echo
-	@echo "falcon-svc on http://$(BIND) -- try:"
-	@echo "  curl -s http://$(BIND)/infer -H 'Content-Type: application/json' -d '{\"text\": \"The delivery was quick and the staff were lovely.\"}'"
-	@echo
-	@set -a; [ -f .env ] && . ./.env; set +a; \
-	  export BIND=$${BIND:-$(BIND)} MODEL_DIR=$${MODEL_DIR:-$(MODEL_DIR)}; \
+run: $(STAMP) model  ## Start the service on BIND (127.0.0.1:8000 unless .env or the environment say otherwise)
+	@$(LOAD_DOTENV); export BIND='$(BIND)' MODEL_DIR='$(MODEL_DIR)'; \
+	  case $$BIND in \
+	    unix:*) url=http://localhost curl="curl -s --unix-socket $${BIND#unix:}" ;; \
+	    *) url=http://$$BIND curl="curl -s" ;; \
+	  esac; \
+	  echo; echo "falcon-svc on $$url (BIND=$$BIND, MODEL_DIR=$$MODEL_DIR) -- try:"; \
+	  echo "  $$curl $$url/infer -H 'Content-Type: application/json' -d '{\"text\": \"The delivery was quick and the staff were lovely.\"}'"; \
+	  echo "or open $$url/ (the demo page) and $$url/docs (the API in Swagger UI)"; \
+	  echo; \
 	  $(VENV)/bin/falcon-svc migrate --if-reachable; \
 	  exec $(VENV)/bin/falcon-svc serve
 
-# Integration tests start real servers from these packages (on free ports).
-TEST_SYSTEM_PACKAGES := redis-server postgresql prometheus prometheus-node-exporter prometheus-alertmanager
-
-test: $(STAMP) $(DEPLOY_STAMP) model  ## Run lint and the whole test suite
+test: $(STAMP) $(DEPLOY_STAMP)  ## Install the test packages, then run lint and the whole test suite
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
+	$(PY) scripts/train_model.py --output-dir $(TEST_MODEL_DIR)
 	$(VENV)/bin/ruff check .
 	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest
 
@@ -69,10 +97,13 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	bash scripts/bench_http.sh
 	$(PY) scripts/bench_full.py
 
+check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
+	bash scripts/check_health.sh
+
 # End to end on a Debian 12 host booted with systemd-nspawn (root; see
-# docs/UBUNTU_DEPLOYMENT.md and ../shared/SYSTEMD_HOST.md). Ports 80, 2222, 5432,
-# 6379, 8001-8002, 8080, 9090, 9100, 9113, 9121, 9187 of this machine must be free.
-e2e-up: $(DEPLOY_STAMP)  ## Boot and provision the nspawn host, leave it running, print ssh and URL
+# docs/UBUNTU_DEPLOYMENT.md and docs/SYSTEMD_HOST.md). The host shares this machine's
+# network: the ports in scripts/e2e.sh (PORTS) must be free; it checks before booting.
+e2e-up: e2e-system-deps $(DEPLOY_STAMP)  ## Boot and provision the nspawn host, leave it running, print ssh and URL
 	bash scripts/e2e.sh up
 
 e2e-check:  ## Run the end-to-end checks and fault scripts against the running e2e host
@@ -81,7 +112,7 @@ e2e-check:  ## Run the end-to-end checks and fault scripts against the running e
 e2e-down:  ## Shut the nspawn host down
 	bash scripts/e2e.sh down
 
-e2e: $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
+e2e: e2e-system-deps $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
 
 clean:  ## Remove the venv, the model and caches

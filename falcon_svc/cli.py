@@ -39,13 +39,21 @@ def check(args: argparse.Namespace) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    """Apply the SQL migrations to DATABASE_URL (safe to run twice, or concurrently)."""
+    """Apply the SQL migrations to DATABASE_URL (safe to run twice, or concurrently).
+
+    With ``--if-reachable`` (what ``make run`` calls) and REQUEST_LOG_ENABLED=false the
+    service never talks to PostgreSQL, so there is nothing to migrate and nothing
+    degraded to report. A plain ``migrate`` still migrates: an operator asked for it.
+    """
     import psycopg
 
     from falcon_svc.app import load_settings_or_exit
     from falcon_svc.migrate import MigrationError, apply_migrations
 
     settings = load_settings_or_exit()
+    if args.if_reachable and not settings.request_log_enabled:
+        print("migrate: skipped, the request log is off (REQUEST_LOG_ENABLED=false)")
+        return 0
     try:
         applied = apply_migrations(settings.database_url)
     except (psycopg.OperationalError, MigrationError) as ex:
@@ -77,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.set_defaults(handler=check)
     migrate_parser = commands.add_parser("migrate", help="apply the SQL migrations to DATABASE_URL")
     migrate_parser.add_argument(
-        "--if-reachable", action="store_true", help="exit 0 with a DEGRADED line when PostgreSQL is unreachable"
+        "--if-reachable",
+        action="store_true",
+        help="exit 0 with a DEGRADED line when PostgreSQL is unreachable; do nothing when REQUEST_LOG_ENABLED=false",
     )
     migrate_parser.set_defaults(handler=migrate)
     train_parser = commands.add_parser("train", help="train the model (falcon-svc train --help)", add_help=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end host for the Ansible roles: a Debian 12 systemd-nspawn container
-# (recipe: SYSTEMD_HOST.md). Run as root.
+# (recipe: docs/SYSTEMD_HOST.md). Run as root.
 #
 #   scripts/e2e.sh up         boot a fresh host and provision it with ansible/site.yml;
 #                             leave it running and print the ssh command and nginx URL
@@ -27,7 +27,11 @@ PIDFILE=$RUN_DIR/nspawn.pid
 INVENTORY=$RUN_DIR/inventory.ini
 SSH_PORT=2222
 MACHINE=falcon-e2e
-PORTS=(80 6379 5432 8001 8002 8080 9090 9093 9094 9100 9113 9121 9187 3000 "$SSH_PORT")
+# Every port the provisioned host listens on (ss -ltn there): nginx 80 and its status
+# 8080, Redis, PostgreSQL, the two workers, Prometheus, Alertmanager (its cluster port
+# 9094 is off), the four exporters, and ssh. No Grafana 3000: the package is not
+# installed here. The docs (UBUNTU_DEPLOYMENT.md) list the same; tests/test_docs.py checks it.
+PORTS=(80 5432 6379 8001 8002 8080 9090 9093 9100 9113 9121 9187 "$SSH_PORT")
 ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
 PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl
 

@@ -7,7 +7,6 @@ so tests can kill a dependency mid-run and bring it back.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -18,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+from tools import require_tool
 
 
 def free_port() -> int:
@@ -55,10 +54,7 @@ class RedisServer:
     """A redis-server process owned by a test."""
 
     def __init__(self, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-        self._binary = binary
+        self._binary = require_tool("redis-server", "redis-server")
         self.directory = directory
         self.port = free_port()
         self._process: subprocess.Popen | None = None
@@ -96,10 +92,8 @@ class PostgresServer:
     """A PostgreSQL cluster made with initdb in a temp dir, run by pg_ctl."""
 
     def __init__(self, directory: Path) -> None:
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not bins:
-            pytest.fail("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
-        self._bin = Path(bins[-1]).parent
+        # initdb, pg_ctl and createdb of one version, from its own directory.
+        self._bin = Path(require_tool("initdb", "postgresql", ("/usr/lib/postgresql/*/bin",))).resolve().parent
         self.port = free_port()
         self._owned_dir: Path | None = None
         # NOTE: PostgreSQL refuses to run as root; CI runs as root, so the
@@ -110,7 +104,7 @@ class PostgresServer:
             user = pwd.getpwnam("postgres")
             directory = self._owned_dir = Path(tempfile.mkdtemp(prefix="falcon-pg-"))
             os.chown(directory, user.pw_uid, user.pw_gid)
-            self._runas = ["runuser", "-u", "postgres", "--"]
+            self._runas = [require_tool("runuser", "util-linux"), "-u", "postgres", "--"]
         self.directory = directory
         self.data = directory / "data"
 

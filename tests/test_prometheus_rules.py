@@ -1,14 +1,12 @@
 """Check the Prometheus side of falcon-svc: config, rules, rule unit tests, Alertmanager.
 
-promtool is required (Debian package ``prometheus``; CI installs it): without it these
-tests fail rather than skip, so a CI image that lost it cannot pass silently. amtool
-(package ``prometheus-alertmanager``) is optional: its check is skipped when missing.
+promtool (Debian package ``prometheus``) and amtool (``prometheus-alertmanager``) come
+with `make test`; a missing one fails under CI and skips elsewhere (``tests/tools.py``).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from tools import require_tool
 
 from falcon_svc import metrics
 
@@ -25,7 +24,7 @@ ALERTS_FILE = PROM_DIR / "rules" / "falcon_alerts.yml"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
 RULE_TEST_FILES = sorted((PROM_DIR / "tests").glob("*.yml"))
 RUNBOOK = REPO_ROOT / "docs" / "RUNBOOK.md"
-RUNBOOK_BASE = "https://github.com/falcon-svc/falcon-svc/blob/main/docs/RUNBOOK.md#"
+RUNBOOK_BASE = "docs/RUNBOOK.md#"
 
 ALERT_NAME = re.compile(r"^Falcon[A-Z][A-Za-z0-9]*$")
 MINUTES = re.compile(r"^[1-9][0-9]*m$")
@@ -35,10 +34,7 @@ RECORDING_NAME = re.compile(r"(?<![\w])([a-z_]+:[a-zA-Z0-9_]+:[a-zA-Z0-9_]+)")
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool not found on PATH: install the Debian package `prometheus` (apt-get install prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def _run(*args: str) -> None:
@@ -97,10 +93,7 @@ def test_promtool_rule_unit_tests() -> None:
 
 
 def test_amtool_check_config() -> None:
-    amtool = shutil.which("amtool")
-    if amtool is None:
-        pytest.skip("amtool not found: install the Debian package `prometheus-alertmanager`")
-    _run(amtool, "check-config", "prometheus/alertmanager.yml")
+    _run(require_tool("amtool", "prometheus-alertmanager"), "check-config", "prometheus/alertmanager.yml")
 
 
 @pytest.mark.parametrize("alert", _alerts(), ids=lambda rule: f"{rule['alert']}-{rule['labels']['severity']}")

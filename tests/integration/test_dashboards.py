@@ -29,6 +29,7 @@ import pytest
 import yaml
 from servers import PostgresServer, RedisServer, free_port, stop_process, wait_for_port
 from test_gunicorn_serving import call, running_service, service_env
+from tools import require_tool
 
 from falcon_svc.migrate import apply_migrations
 
@@ -37,8 +38,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO_ROOT / "grafana" / "dashboards").glob("*.json"))
 RULE_FILES = sorted((REPO_ROOT / "prometheus" / "rules").glob("*.yml"))
-PROMETHEUS = Path("/usr/bin/prometheus")
-NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
 
 # Grafana's built-in intervals. With 1 s scrapes a 1m window holds ~60 samples;
 # rate() needs two, so every panel has data a few seconds after traffic starts.
@@ -103,7 +102,7 @@ class PrometheusError(RuntimeError):
 
 
 class Prometheus:
-    """A /usr/bin/prometheus process on a free loopback port, scraping the given targets every second."""
+    """A prometheus process on a free loopback port, scraping the given targets every second."""
 
     def __init__(self, directory: Path, targets: dict[str, str]) -> None:
         self.port = free_port()
@@ -123,7 +122,7 @@ class Prometheus:
         log_path = self.directory / "prometheus.log"
         with log_path.open("wb") as log:
             args = [
-                str(PROMETHEUS),
+                require_tool("prometheus", "prometheus"),
                 f"--config.file={self.config}",
                 f"--storage.tsdb.path={self.directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -213,10 +212,8 @@ def drive_traffic(port: int, stop: threading.Event, errors: list[str]) -> None:
 @pytest.fixture(scope="module")
 def prometheus(dummy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Start Redis, PostgreSQL, falcon-svc, node-exporter and Prometheus; drive traffic; wait for data."""
-    if not PROMETHEUS.exists():
-        pytest.fail("prometheus is not installed: apt-get install prometheus (.ci/run does it)")
-    if not NODE_EXPORTER.exists():
-        pytest.fail("prometheus-node-exporter is not installed: apt-get install prometheus-node-exporter")
+    require_tool("prometheus", "prometheus")  # before starting anything else
+    node_exporter_binary = require_tool("prometheus-node-exporter", "prometheus-node-exporter")
     tmp = tmp_path_factory.mktemp("dashboards")
     for name in ("redis", "pg", "prometheus"):
         (tmp / name).mkdir()
@@ -239,7 +236,7 @@ def prometheus(dummy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         node_port = free_port()
         node_log = stack.enter_context((tmp / "node-exporter.log").open("wb"))
         node_exporter = subprocess.Popen(
-            [str(NODE_EXPORTER), f"--web.listen-address=127.0.0.1:{node_port}"],
+            [node_exporter_binary, f"--web.listen-address=127.0.0.1:{node_port}"],
             stdout=node_log,
             stderr=subprocess.STDOUT,
         )

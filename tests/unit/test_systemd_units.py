@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tools import require_tool
 
 from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
 from falcon_svc.settings import Settings
@@ -144,8 +145,7 @@ def test_install_links_instances_into_the_target():
 @pytest.fixture(scope="module")
 def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root holding the units, systemd's own units, and stand-ins for the binaries they run."""
-    if shutil.which("systemd-analyze") is None or not Path("/usr/lib/systemd/system").is_dir():
-        pytest.skip("systemd-analyze and systemd's unit files are not installed")
+    require_tool("systemd-analyze", "systemd")  # the package also brings /usr/lib/systemd/system
     root = tmp_path_factory.mktemp("root")
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
@@ -162,7 +162,8 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60, check=False)
+    command = [require_tool("systemd-analyze", "systemd"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_systemd_analyze_verify_is_silent(systemd_root):
