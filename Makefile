@@ -30,7 +30,7 @@ E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl ipro
 # tests/test_model_quality.py checks the model here, whatever MODEL_DIR says.
 TEST_MODEL_DIR := models/sentiment
 
-.PHONY: help venv deploy-tools run test lint model bench e2e e2e-up e2e-check e2e-down clean system-deps \
+.PHONY: help venv deploy-tools run test lint model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health
 
 help:  ## List the targets
@@ -115,5 +115,15 @@ e2e-down:  ## Shut the nspawn host down
 e2e: e2e-system-deps $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
 
+mutation: $(STAMP)  ## Mutation testing of the core modules against the unit tests (slow; not in CI)
+	$(PIP) install -q -r requirements-mutation.txt
+	rm -rf mutants
+	@# mutmut draws a progress spinner; the score and the survivors are what matter.
+	$(VENV)/bin/mutmut run --max-children 2 >/dev/null
+	@$(VENV)/bin/mutmut export-cicd-stats >/dev/null
+	@$(PY) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+	  print("mutation score: %(killed)s of %(total)s killed, %(survived)s survived, %(timeout)s timed out" % s)'
+	$(VENV)/bin/mutmut results
+
 clean:  ## Remove the venv, the model and caches
-	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .hypothesis *.egg-info mutants

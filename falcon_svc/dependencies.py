@@ -9,6 +9,7 @@ degraded rather than refusing to start.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +22,15 @@ from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
 from falcon_svc.requestlog import RequestLog
-from falcon_svc.resilience import CircuitBreaker, RetryPolicy, State
+from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State
 from falcon_svc.settings import Settings
 from falcon_svc.spool import Spool
 
 logger = logging.getLogger(__name__)
+
+# How often an unhealthy Redis breaker is offered a PING off the request path; the
+# breaker itself keeps trials to one per CIRCUIT_BREAKER_TIMEOUT_SECONDS while open.
+REDIS_PROBE_INTERVAL_SECONDS = 1.0
 
 
 def _report_transition(name: str, old: State, new: State) -> None:
@@ -33,20 +38,22 @@ def _report_transition(name: str, old: State, new: State) -> None:
     metrics.CIRCUIT_TRANSITIONS.labels(name, new.value).inc()
 
 
-def _report_outcome(name: str, ok: bool) -> None:
-    metrics.DEPENDENCY_UP.labels(name).set(1 if ok else 0)
-
-
-def make_breaker(name: str, settings: Settings) -> CircuitBreaker:
-    """Return the breaker for one dependency, reporting to metrics."""
+def make_breaker(name: str, settings: Settings, *, on_failure: Callable[[], None] | None = None) -> CircuitBreaker:
+    """Return the breaker for one dependency, reporting to metrics; ``on_failure`` runs on each failed call."""
     metrics.CIRCUIT_STATE.labels(name).set(0)
     metrics.DEPENDENCY_UP.labels(name).set(1)
+
+    def report_outcome(dependency: str, ok: bool) -> None:
+        metrics.DEPENDENCY_UP.labels(dependency).set(1 if ok else 0)
+        if not ok and on_failure is not None:
+            on_failure()
+
     return CircuitBreaker(
         name,
         failure_threshold=settings.circuit_breaker_failure_threshold,
         reset_timeout=settings.circuit_breaker_timeout_seconds,
         on_transition=_report_transition,
-        on_outcome=_report_outcome,
+        on_outcome=report_outcome,
     )
 
 
@@ -75,6 +82,7 @@ class Dependencies:
     idempotency: IdempotencyStore | None = None
     request_log: RequestLog | None = None
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    probes: list[RecoveryProbe] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
 
     def status(self) -> dict[str, Any]:
@@ -85,16 +93,25 @@ class Dependencies:
         }
 
     def close(self, timeout: float) -> None:
-        """Flush what must not be lost (the request log) within ``timeout`` seconds."""
+        """Stop the recovery probes; flush what must not be lost (the request log) within ``timeout`` seconds."""
+        for probe in self.probes:
+            probe.stop()
         if self.request_log is not None:
             self.request_log.close(timeout)
 
 
 def build_redis_dependencies(settings: Settings, model_version: str, deps: Dependencies) -> None:
-    """Attach the cache and the idempotency store to ``deps``, probing Redis once."""
-    breaker = make_breaker("redis", settings)
-    deps.breakers["redis"] = breaker
+    """Attach the cache and the idempotency store to ``deps``, probing Redis once.
+
+    From Redis's first failure on, a ``RecoveryProbe`` PINGs it while the breaker
+    is unhealthy, so the worker notices Redis is back even when no request uses it.
+    """
     client = make_redis_client(settings)
+    probe = RecoveryProbe(client.ping, interval=REDIS_PROBE_INTERVAL_SECONDS)
+    breaker = make_breaker("redis", settings, on_failure=probe.start)
+    probe.watch(breaker)
+    deps.breakers["redis"] = breaker
+    deps.probes.append(probe)
     try:
         client.ping()
     except redis.RedisError as ex:

@@ -4,7 +4,9 @@ A breaker per dependency stops calling it after repeated failures, so a dead
 server costs microseconds instead of a timeout on every request; after a pause it
 lets a few trial calls through and closes again when they succeed. Retries with
 exponential backoff and full jitter belong off the request path (the log writer);
-the request path tries once with a short timeout and degrades.
+the request path tries once with a short timeout and degrades. A recovery probe
+trial-calls a dependency off the request path, so a breaker also closes when no
+request happens to use the dependency.
 """
 
 from __future__ import annotations
@@ -155,6 +157,70 @@ class CircuitBreaker:
         )
         if self._on_transition is not None:
             self._on_transition(self.name, old, new)
+
+
+class RecoveryProbe:
+    """Trial-call a dependency off the request path, so its breaker closes without traffic.
+
+    Why: otherwise the breaker's only trial calls are requests that use the
+    dependency, and some traffic never does (short texts skip Redis), so a worker
+    would keep reporting Redis down (``degraded``, ``falcon_dependency_up`` 0, the
+    alert) long after it came back. Every ``interval`` seconds, while the watched
+    breaker is unhealthy, one cheap ``check`` (a PING) goes through the breaker,
+    which still rations it: at most one trial per ``reset_timeout`` while open.
+
+    The thread starts on ``start()`` (wired to the breaker's failures, so it runs
+    in the worker, after gunicorn's fork, and never while the dependency is fine)
+    and then lives until ``stop()`` (the worker's exit): a wake-up a second costs
+    nothing, and a thread that exited once healthy could race a new failure and
+    leave nobody probing.
+    """
+
+    def __init__(self, check: Callable[[], object], *, interval: float = 1.0) -> None:
+        self._check = check
+        self._interval = interval
+        self._breaker: CircuitBreaker | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def watch(self, breaker: CircuitBreaker) -> None:
+        """Probe through ``breaker`` (set once, before ``start``; the breaker's hook calls ``start``)."""
+        self._breaker = breaker
+
+    def start(self) -> None:
+        """Start the probe thread once; idempotent and cheap, so a breaker may call it on every failure."""
+        if self._thread is not None or self._breaker is None or self._stopped.is_set():
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"{self._breaker.name}-probe", daemon=True)
+                self._thread.start()
+
+    def probe_once(self) -> bool | None:
+        """Make one trial call if the breaker is unhealthy and admits it; return its outcome, or None."""
+        breaker = self._breaker
+        if breaker is None or breaker.healthy:
+            return None
+        try:
+            breaker.call(self._check)
+        except CircuitOpenError:
+            return None
+        except Exception:
+            # The breaker has recorded the failure: the dependency is still down.
+            return False
+        return True
+
+    def stop(self) -> None:
+        """End the probe thread (if any) at its next wake-up; it is never started again."""
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self.probe_once()
+            except Exception:  # pragma: no cover - a bug; keep probing
+                logger.exception("recovery probe failed")
 
 
 @dataclass(frozen=True, slots=True)

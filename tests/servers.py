@@ -50,6 +50,32 @@ def wait_for_port(port: int, within: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {within} s")
 
 
+def process_state(pid: int) -> str:
+    """Return the one-letter state of a process from /proc (R, S, T for stopped, ...)."""
+    # NOTE: the command name in parentheses may hold spaces; the state follows it.
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def pause_process(pid: int, within: float = 10.0) -> None:
+    """SIGSTOP a process and wait until it really is stopped: a hung server, not a dead one.
+
+    A zombie (a PostgreSQL backend that exited while its paused postmaster cannot
+    reap it) runs no more either: it counts as stopped.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    while process_state(pid) not in {"T", "t", "Z", "X"}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop within {within} s")
+        time.sleep(0.01)
+
+
+def resume_process(pid: int) -> None:
+    """SIGCONT a process paused by ``pause_process`` (gone already is fine)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
 class RedisServer:
     """A redis-server process owned by a test."""
 
@@ -79,6 +105,16 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for_port(self.port)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections still open (the kernel accepts them) but nothing answers."""
+        assert self._process is not None, "the server is not running"
+        pause_process(self._process.pid)
+
+    def resume(self) -> None:
+        """SIGCONT the server paused by ``pause``."""
+        if self._process is not None:
+            resume_process(self._process.pid)
 
     def stop(self) -> None:
         """Kill the server (SIGKILL: a crash, not a clean shutdown)."""
@@ -127,6 +163,33 @@ class PostgresServer:
             "start",
         )  # fmt: skip
         wait_for_port(self.port)
+
+    def postmaster_pid(self) -> int:
+        """Return the pid of the running postmaster (first line of postmaster.pid)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def _children(self, postmaster: int) -> list[int]:
+        return [int(pid) for pid in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster, then each of its children: a hung server, every backend included.
+
+        NOTE: every PostgreSQL child calls setsid(), so no process group holds them
+        all; the postmaster is stopped first, so that it forks no child meanwhile.
+        Call ``resume`` before ``stop`` or ``destroy``: pg_ctl cannot stop a paused server.
+        """
+        postmaster = self.postmaster_pid()
+        pause_process(postmaster)
+        for child in self._children(postmaster):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                pause_process(child)
+
+    def resume(self) -> None:
+        """SIGCONT the children, then the postmaster (harmless when nothing is paused or running)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            postmaster = self.postmaster_pid()
+            for pid in [*self._children(postmaster), postmaster]:
+                resume_process(pid)
 
     def stop(self, mode: str = "immediate") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

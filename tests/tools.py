@@ -5,6 +5,9 @@ so a missing binary means an install step is missing. Under CI (the ``CI`` envir
 variable set, as .ci/run is) or with ``FALCON_REQUIRE_TOOLS=1`` that is a failure: a
 machine that lost a package must not pass by skipping. On a developer's machine that
 runs pytest by hand it is a skip that names the Debian package to install.
+
+The trained model's checks follow the same rule (``model_required``, ``skip_or_fail``):
+under CI or with ``FALCON_REQUIRE_MODEL`` set, a missing model or baseline fails.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import glob
 import os
 import re
 import shutil
+from typing import NoReturn
 
 import pytest
 
@@ -57,3 +61,22 @@ def require_tool(binary: str, package: str, extra_dirs: tuple[str, ...] = ()) ->
     if tools_required():
         pytest.fail(f"{message}; CI/FALCON_REQUIRE_TOOLS make a missing tool a failure", pytrace=False)
     pytest.skip(message)
+
+
+def model_required() -> bool:
+    """Return whether the trained model, and what its checks stand on, must be there (CI, or FALCON_REQUIRE_MODEL).
+
+    `make test` trains the model and sets FALCON_REQUIRE_MODEL=1: there a dummy model,
+    a missing vaderSentiment (the baseline and the reference for our port of VADER) or
+    metrics training did not write are failures, so the model checks cannot pass by skipping.
+    """
+    ci = os.environ.get("CI", "").strip().lower()
+    required = os.environ.get("FALCON_REQUIRE_MODEL", "").strip().lower()
+    return ci not in {"", "0", "false", "no"} or required not in {"", "0", "false", "no"}
+
+
+def skip_or_fail(reason: str, *, required: bool) -> NoReturn:
+    """Skip the test for `reason`; when `required`, fail it instead, with the same reason."""
+    if required:
+        pytest.fail(f"{reason} (required here, so a failure rather than a skip)", pytrace=False)
+    pytest.skip(reason)

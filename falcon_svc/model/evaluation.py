@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
 
 from falcon_svc.model.data import LABELS
 
@@ -20,6 +21,17 @@ def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict:
         "macro_f1": round(float(f1_score(truth, predicted, labels=list(LABELS), average="macro", zero_division=0)), 4),
         "f1_per_class": {label: round(float(value), 4) for label, value in zip(LABELS, per_class, strict=True)},
     }
+
+
+def held_out_split(
+    texts: Sequence[str], labels: Sequence[str], *, test_size: float, seed: int
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Return (train texts, test texts, train labels, test labels): stratified by label, seeded.
+
+    The split training.train_model fits and reports on; tests/test_model_quality.py
+    rebuilds it to score a trained artifact itself rather than trust its metadata.
+    """
+    return train_test_split(texts, labels, test_size=test_size, stratify=labels, random_state=seed)
 
 
 def vader_predict(texts: Sequence[str]) -> list[str] | None:

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
@@ -42,7 +41,7 @@ from falcon_svc.model.data import (
     locate_package_file,
     sha256_file,
 )
-from falcon_svc.model.evaluation import evaluate, vader_predict
+from falcon_svc.model.evaluation import evaluate, held_out_split, vader_predict
 from falcon_svc.model.features import LexiconFeatures, preprocess
 
 KIND = "tfidf-lexicon-logreg"
@@ -224,12 +223,8 @@ def train_model(
     lexicon_path = locate_package_file(LEXICON_PACKAGE, LEXICON_FILE)
     report(f"corpus: {corpus.fingerprint['rows']} rows {corpus.fingerprint['label_counts']}")
 
-    train_texts, test_texts, train_labels, test_labels = train_test_split(
-        corpus.texts,
-        corpus.labels,
-        test_size=config.test_size,
-        stratify=corpus.labels,
-        random_state=config.seed,
+    train_texts, test_texts, train_labels, test_labels = held_out_split(
+        corpus.texts, corpus.labels, test_size=config.test_size, seed=config.seed
     )
     report(f"split: {len(train_texts)} train / {len(test_texts)} test (stratified, seed {config.seed})")
     sentences = load_sentences(train_sentences) if train_sentences is not None else None

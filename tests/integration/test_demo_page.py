@@ -13,7 +13,6 @@ for that instead of sleeping.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from test_gunicorn_serving import call, free_port, running_service, service_env
-from tools import require_tool
+from tools import model_required, require_tool, skip_or_fail
 
 from falcon_svc.model.artifact import METADATA_FILE
 
@@ -52,12 +51,6 @@ CHROMIUM_FLAGS = (
 )
 
 
-def model_required() -> bool:
-    """A missing trained model fails the test under CI or with FALCON_REQUIRE_MODEL."""
-    ci = os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
-    return ci or bool(os.environ.get("FALCON_REQUIRE_MODEL"))
-
-
 @pytest.fixture(scope="module")
 def trained_model_dir() -> Path:
     """models/sentiment, when it holds the trained model (the dummy's labels mean nothing)."""
@@ -65,10 +58,7 @@ def trained_model_dir() -> Path:
     kind = json.loads(metadata.read_text()).get("kind") if metadata.is_file() else None
     if kind is None or kind == "dummy":
         found = "the dummy model" if kind else "no model"
-        message = f"{MODEL_DIR} holds {found}; train it with `make model`"
-        if model_required():
-            pytest.fail(f"{message} (CI/FALCON_REQUIRE_MODEL make this a failure)", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"{MODEL_DIR} holds {found}; train it with `make model`", required=model_required())
     return MODEL_DIR
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -75,8 +76,10 @@ def outage(postgres: PostgresServer) -> Iterator[Callable[[], None]]:
 
 
 def make_row(i: int, run: str) -> LogRow:
+    # NOTE: log_id (the primary key) differs from request_id, as in production, so a
+    # writer or replay that confused the two would be caught.
     return LogRow(
-        log_id=f"{run}-{i}",
+        log_id=f"log-{run}-{i}",
         request_id=f"{run}-{i}",
         received_at=time.time(),
         route="/v1/infer",
@@ -143,6 +146,38 @@ def spooled_ids(directory: Path) -> list[str]:
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def rows_total(outcome: str) -> float:
+    return sample("falcon_request_log_rows_total", {"outcome": outcome})
+
+
+def writer_is_blocked(observer: psycopg.Connection) -> bool:
+    """Tell whether the request log's writer is waiting on a lock inside PostgreSQL."""
+    row = observer.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'falcon-svc request log' AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return row is not None and row[0] > 0
+
+
+# NOTE: submit() costs microseconds; only a call that waits (for PostgreSQL, a lock)
+# takes 100 ms, but a GC pause or a descheduled thread on a busy machine can too,
+# now and then: hence a small allowance instead of a bound on the slowest call.
+SLOW_SUBMIT_SECONDS = 0.1
+SLOW_SUBMITS_ALLOWED = 0.02  # of all calls
+
+
+def submit_all(log: RequestLog, rows: list[LogRow]) -> list[float]:
+    """Submit ``rows``; return the durations of the calls over SLOW_SUBMIT_SECONDS."""
+    slow = []
+    for row in rows:
+        started = time.perf_counter()
+        log.submit(row)
+        elapsed = time.perf_counter() - started
+        if elapsed > SLOW_SUBMIT_SECONDS:
+            slow.append(elapsed)
+    return slow
 
 
 # --- migrations -------------------------------------------------------------------
@@ -240,14 +275,35 @@ def test_raw_text_is_stored_only_when_enabled(dsn: str, tmp_path: Path) -> None:
     assert stored == ("tab\tnewline\nnul\ufffdend",), "NUL (rejected by PostgreSQL) is replaced, the rest kept"
 
 
+def test_rows_are_keyed_by_log_id_so_a_retried_row_lands_once_and_a_reused_request_id_twice(
+    dsn: str, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    written_before = rows_total("written")
+    log = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    original = make_row(1, "key")
+    retried = dataclasses.replace(original)  # the same row again: a batch written twice
+    resent = dataclasses.replace(original, log_id="log-key-resent")  # a client reusing its X-Request-ID
+    log.start()
+    try:
+        for row in (original, retried, resent):
+            log.submit(row)
+        wait_until(lambda: rows_total("written") - written_before >= 3, 10, "the three rows are written")
+    finally:
+        log.close(timeout=5)
+    assert spooled_ids(spool_dir) == [] and list(spool_dir.glob(REJECTED_GLOB)) == [], "a duplicate is not an error"
+    with psycopg.connect(dsn) as conn:
+        stored = sorted(conn.execute("SELECT log_id, request_id FROM request_log").fetchall())
+    assert stored == [("log-key-1", "key-1"), ("log-key-resent", "key-1")], stored
+
+
 # --- outages ----------------------------------------------------------------------
 
 
 def test_an_outage_queues_then_spools_then_replays_every_row_once(
     postgres: PostgresServer, dsn: str, tmp_path: Path
 ) -> None:
-    spooled_before = sample("falcon_request_log_rows_total", {"outcome": "spooled"})
-    replayed_before = sample("falcon_request_log_rows_total", {"outcome": "replayed"})
+    spooled_before, replayed_before = rows_total("spooled"), rows_total("replayed")
     spool = Spool(tmp_path / "spool", max_bytes=10**7, refresh_interval=0.1)
     log = make_log(dsn, spool, buffer_max=50)
     log.start()
@@ -263,7 +319,6 @@ def test_an_outage_queues_then_spools_then_replays_every_row_once(
             wait_until(lambda: log.status()["postgres"] == "circuit_open", 15, "the breaker opens")
             status = log.status()
             assert status["spool_bytes"] > 0, f"rows should be spooled during the outage: {status}"
-            assert sample("falcon_request_log_rows_total", {"outcome": "spooled"}) > spooled_before
             restart()
 
         wait_until(lambda: counts(dsn)[0] >= 400, 30, "every row is in request_log after the outage")
@@ -271,7 +326,9 @@ def test_an_outage_queues_then_spools_then_replays_every_row_once(
         assert list(spool.directory.glob(REJECTED_GLOB)) == []
         wait_until(lambda: log.status()["spool_bytes"] == 0, 10, "the spool is empty again")
         assert log.status()["postgres"] == "up"
-        assert sample("falcon_request_log_rows_total", {"outcome": "replayed"}) > replayed_before
+        spooled, replayed = rows_total("spooled") - spooled_before, rows_total("replayed") - replayed_before
+        assert spooled > 0, "no row was spooled: the outage test proved nothing"
+        assert replayed >= spooled, f"{spooled} rows spooled but only {replayed} replayed"
     finally:
         log.close(timeout=5)
 
@@ -280,6 +337,7 @@ def test_close_during_an_outage_spools_everything_for_the_next_worker(
     postgres: PostgresServer, dsn: str, tmp_path: Path
 ) -> None:
     spool_dir = tmp_path / "spool"
+    spooled_before, replayed_before = rows_total("spooled"), rows_total("replayed")
     old_worker = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
     old_worker.start()
     with outage(postgres) as restart:
@@ -291,9 +349,11 @@ def test_close_during_an_outage_spools_everything_for_the_next_worker(
 
         on_disk = spooled_ids(spool_dir)
         assert sorted(on_disk) == sorted(f"restart-{i}" for i in range(200)), "close must spool every row"
+        assert rows_total("spooled") - spooled_before == 200, "each row is spooled (and counted) once"
         # NOTE: a copy of a spool file is what an interrupted, repeated replay looks
         # like to PostgreSQL: the same rows twice. They must still land once.
         first = sorted(spool_dir.glob(SPOOL_GLOB))[0]
+        copied = len(first.read_bytes().splitlines())
         shutil.copy(first, spool_dir / (first.stem + "-copy.jsonl"))
         restart()
 
@@ -304,6 +364,8 @@ def test_close_during_an_outage_spools_everything_for_the_next_worker(
         wait_until(lambda: list(spool_dir.glob(SPOOL_GLOB)) == [], 10, "replayed files are deleted")
         assert counts(dsn) == (200, 200), "every request_id exactly once, duplicates in the spool included"
         assert list(spool_dir.glob(REJECTED_GLOB)) == [], "duplicates are not errors: nothing may be set aside"
+        replayed = rows_total("replayed") - replayed_before
+        assert replayed >= 200 + copied, f"{200 + copied} spooled lines, {replayed} counted as replayed"
     finally:
         new_worker.close(timeout=5)
 
@@ -328,6 +390,7 @@ def test_a_full_spool_drops_and_counts_rows_and_loses_nothing_else(
     assert len(kept) + dropped == 300, f"{len(kept)} kept + {dropped} dropped should be every row submitted"
     assert sum(path.stat().st_size for path in spool_dir.glob(SPOOL_GLOB)) <= 20_000
 
+    replayed_before = rows_total("replayed")
     replayer = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
     replayer.start()
     try:
@@ -335,6 +398,7 @@ def test_a_full_spool_drops_and_counts_rows_and_loses_nothing_else(
         with psycopg.connect(dsn) as conn:
             stored = {row[0] for row in conn.execute("SELECT request_id FROM request_log")}
         assert stored == set(kept), "exactly the spooled rows land, once each"
+        assert rows_total("replayed") - replayed_before >= len(kept), "the rows must land by replay"
     finally:
         replayer.close(timeout=5)
 
@@ -344,25 +408,21 @@ def test_a_locked_table_never_blocks_submit_and_rows_land_after_the_lock(dsn: st
     log.start()
     locker = psycopg.connect(dsn)
     observer = psycopg.connect(dsn, autocommit=True)
+    rows = [make_row(i, "locked") for i in range(300)]
     try:
         locker.execute("LOCK TABLE request_log IN ACCESS EXCLUSIVE MODE")
-        slowest = 0.0
-        for i in range(300):
-            started = time.perf_counter()
-            log.submit(make_row(i, "locked"))
-            slowest = max(slowest, time.perf_counter() - started)
+        log.submit(rows[0])
+        wait_until(lambda: writer_is_blocked(observer), 10, "the writer waits on the table lock")
 
-        def writer_is_blocked() -> bool:
-            row = observer.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = 'falcon-svc request log' AND wait_event_type = 'Lock'"
-            ).fetchone()
-            return row is not None and row[0] > 0
-
-        wait_until(writer_is_blocked, 10, "the writer waits on the table lock")
-        assert slowest < 0.1, f"submit must not wait for PostgreSQL (slowest call {slowest * 1000:.1f} ms)"
-        assert log.status()["spool_bytes"] > 0, "rows past the queue bound should be spooled while blocked"
-        time.sleep(1.0)  # the lock is still held: nothing can have landed yet
+        # The writer is stuck in PostgreSQL: the queue fills, then rows spill to the spool.
+        spooled_before = rows_total("spooled")
+        slow = submit_all(log, rows[1:])
+        assert rows_total("spooled") - spooled_before > 0, "rows past the queue bound should be spooled"
+        assert len(slow) <= (len(rows) - 1) * SLOW_SUBMITS_ALLOWED, (
+            f"{len(slow)} of {len(rows) - 1} submits took over {SLOW_SUBMIT_SECONDS * 1000:.0f} ms "
+            f"(slowest {max(slow) * 1000:.0f} ms): submit must not wait for PostgreSQL"
+        )
+        assert writer_is_blocked(observer), "the lock is held: the writer must still be waiting"
         locker.rollback()
 
         wait_until(lambda: counts(dsn)[0] >= 300, 20, "every row lands after the lock is released")
@@ -373,16 +433,51 @@ def test_a_locked_table_never_blocks_submit_and_rows_land_after_the_lock(dsn: st
         log.close(timeout=5)
 
 
+def test_close_spools_the_batch_stuck_in_postgres_and_it_still_lands_once(dsn: str, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    rows = [make_row(i, "stuck") for i in range(80)]
+    log = make_log(dsn, Spool(spool_dir, max_bytes=10**7), buffer_max=100, batch_size=50)
+    for row in rows:
+        log.submit(row)  # before start(): the writer's first batch is a full 50
+    locker = psycopg.connect(dsn)
+    observer = psycopg.connect(dsn, autocommit=True)
+    try:
+        locker.execute("LOCK TABLE request_log IN ACCESS EXCLUSIVE MODE")
+        log.start()
+        wait_until(lambda: writer_is_blocked(observer), 10, "the writer waits on the table lock mid-batch")
+        log.close(timeout=0.5)
+        # NOTE: read while the lock is still held: the writer cannot have saved the batch itself.
+        on_disk = spooled_ids(spool_dir)
+        locker.rollback()  # the stuck writer's transaction may now commit too
+    finally:
+        locker.close()
+        observer.close()
+    assert sorted(on_disk) == sorted(row.request_id for row in rows), "close() must spool the batch in flight"
+
+    replayed_before = rows_total("replayed")
+    replayer = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
+    replayer.start()
+    try:
+        wait_until(lambda: list(spool_dir.glob(SPOOL_GLOB)) == [], 20, "the spool is replayed")
+    finally:
+        replayer.close(timeout=5)
+    assert rows_total("replayed") - replayed_before >= len(rows), "every spooled row must be replayed"
+    assert counts(dsn) == (80, 80), "written by the stuck writer and replayed, each row is stored once"
+    assert list(spool_dir.glob(REJECTED_GLOB)) == []
+
+
 def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: str, tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     good = [
-        {"log_id": f"good-{i}", "request_id": f"good-{i}", "received_at": time.time(), "status": 200} for i in range(5)
+        {"log_id": f"log-good-{i}", "request_id": f"good-{i}", "received_at": time.time(), "status": 200}
+        for i in range(5)
     ]
-    poison = {"log_id": "poison", "request_id": "poison", "received_at": None, "status": 200}  # violates NOT NULL
+    poison = {"log_id": "log-poison", "request_id": "poison", "received_at": None, "status": 200}  # NOT NULL
     lines = [json.dumps(record) for record in [*good[:2], poison, *good[2:]]]
     (spool_dir / "spool-00000000000000000001-1-000001.jsonl").write_text("\n".join(lines) + "\n")
 
+    replayed_before, dropped_before = rows_total("replayed"), rows_total("dropped")
     log = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
     log.start()
     try:
@@ -392,5 +487,7 @@ def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: s
     with psycopg.connect(dsn) as conn:
         stored = {row[0] for row in conn.execute("SELECT request_id FROM request_log")}
     assert stored == {record["request_id"] for record in good}
+    assert rows_total("replayed") - replayed_before >= len(good)
+    assert rows_total("dropped") - dropped_before == 1, "the bad row is counted as dropped"
     (rejected,) = spool_dir.glob(REJECTED_GLOB)
     assert json.loads(rejected.read_text())["request_id"] == "poison", "the bad row is kept for an operator"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from falcon_svc.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy, State, retry
+from falcon_svc.resilience import CircuitBreaker, CircuitOpenError, RecoveryProbe, RetryPolicy, State, retry
 
 
 class FakeClock:
@@ -154,3 +156,87 @@ def test_healthy_only_when_closed_and_last_call_succeeded(breaker, clock):
     assert not breaker.healthy and breaker.state is State.CLOSED
     breaker.record_success()
     assert breaker.healthy
+
+
+class FakeDependency:
+    """A dependency whose health the test sets; counts the trial calls it gets."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls = 0
+
+    def ping(self) -> bool:
+        self.calls += 1
+        if not self.up:
+            raise ConnectionError("refused")
+        return True
+
+
+class TestRecoveryProbe:
+    """Close a breaker again with no request traffic: trial calls off the request path."""
+
+    @pytest.fixture
+    def dependency(self) -> FakeDependency:
+        return FakeDependency()
+
+    @pytest.fixture
+    def probe(self, breaker, dependency) -> RecoveryProbe:
+        probe = RecoveryProbe(dependency.ping, interval=1.0)
+        probe.watch(breaker)
+        return probe
+
+    def test_leaves_a_healthy_dependency_alone(self, probe, dependency):
+        assert probe.probe_once() is None
+        assert dependency.calls == 0, "a healthy dependency must cost nothing"
+
+    def test_closes_a_breaker_with_failures_once_the_dependency_answers(self, probe, breaker, dependency):
+        fail(breaker, 2)
+        assert probe.probe_once() is False and not breaker.healthy
+        dependency.up = True
+        assert probe.probe_once() is True
+        assert breaker.healthy and breaker.state is State.CLOSED
+
+    def test_an_open_breaker_gets_one_trial_per_reset_timeout(self, probe, breaker, clock, dependency):
+        fail(breaker, 5)
+        for _ in range(10):
+            assert probe.probe_once() is None
+        assert dependency.calls == 0, "an open breaker fails fast: no trial before its timeout"
+        clock.now += 60
+        assert probe.probe_once() is False, "the trial fails while the dependency is down"
+        assert breaker.state is State.OPEN and dependency.calls == 1
+        clock.now += 59
+        assert probe.probe_once() is None and dependency.calls == 1
+        dependency.up = True
+        clock.now += 1
+        assert probe.probe_once() is True
+        assert breaker.healthy and dependency.calls == 2
+
+    def test_does_nothing_without_a_breaker(self, dependency):
+        probe = RecoveryProbe(dependency.ping)
+        probe.start()
+        assert probe.probe_once() is None and dependency.calls == 0
+
+    def test_its_thread_closes_the_breaker_without_traffic(self, dependency):
+        """The real thread, started on a failure as the service wires it (dependencies.make_breaker)."""
+        closed = threading.Event()
+        probe = RecoveryProbe(dependency.ping, interval=0.01)
+        breaker = CircuitBreaker(
+            "redis",
+            failure_threshold=1,
+            reset_timeout=0.05,
+            on_outcome=lambda name, ok: closed.set() if ok else probe.start(),
+        )
+        probe.watch(breaker)
+        breaker.record_failure()
+        assert breaker.state is State.OPEN
+        dependency.up = True
+        assert closed.wait(10), "the probe thread never made a successful trial call"
+        assert breaker.healthy
+
+        def probe_threads() -> int:
+            return sum(thread.name == "redis-probe" and thread.daemon for thread in threading.enumerate())
+
+        running = probe_threads()
+        assert running >= 1, "the probe thread must be a daemon: it never holds up a worker's exit"
+        probe.start()  # what every later failure calls
+        assert probe_threads() == running, "a second start() must not start a second thread"

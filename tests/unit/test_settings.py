@@ -68,3 +68,98 @@ def test_every_setting_is_documented_in_env_example():
     documented = set(re.findall(r"^#?\s*([A-Z_]+)=", (REPO_ROOT / ".env.example").read_text(), re.MULTILINE))
     keys = {field.name.upper() for field in dataclasses.fields(Settings)}
     assert keys <= documented, f"undocumented in .env.example: {sorted(keys - documented)}"
+
+
+def env_example_values() -> dict[str, str]:
+    """Return the KEY=VALUE lines of .env.example that are set (not the commented-out examples)."""
+    text = (REPO_ROOT / ".env.example").read_text()
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*?)\s*$", text, re.MULTILINE))
+
+
+def test_env_example_values_are_the_defaults():
+    """.env.example says "every key, its default": read through the service's own parser, each is the default."""
+    listed = env_example_values()
+    defaults = Settings.from_env({})
+    from_example = Settings.from_env(listed)
+    keys = {field.name.upper(): field.name for field in dataclasses.fields(Settings)}
+    # NOTE: INSTANCE_NAME defaults to the host name, so .env.example can only show an example of it.
+    unset = sorted(set(keys) - set(listed) - {"INSTANCE_NAME"})
+    assert not unset, f".env.example shows no default for {unset}"
+    differ = {
+        key: (listed[key], getattr(defaults, name))
+        for key, name in keys.items()
+        if key in listed and getattr(from_example, name) != getattr(defaults, name)
+    }
+    assert not differ, f".env.example and Settings disagree (.env.example value, code default): {differ}"
+
+
+def _claim(path: str, pattern: str) -> str:
+    """Return what ``pattern``'s group captures in a document (whitespace and line breaks collapsed)."""
+    text = " ".join((REPO_ROOT / path).read_text().split())
+    match = re.search(pattern, text)
+    assert match, f"{path} no longer says /{pattern}/: update the claim here or the document"
+    return match[1]
+
+
+def _mib(value: str) -> int:
+    return int(value) * 2**20
+
+
+def _seconds_in_ms(value: str) -> int:
+    return int(value) * 1000
+
+
+def _number(value: str) -> int:
+    return int(value.replace(",", ""))
+
+
+def _not(value: str) -> bool:
+    """The document names the value that switches a default off (or on): the default is the other one."""
+    return value != "true"
+
+
+# (setting, document, what it says about the default, how to read the captured text)
+DOCUMENTED_DEFAULTS = [
+    ("bind", "README.md", r"serves on (\d+\.\d+\.\d+\.\d+:\d+)", str),
+    ("workers", "README.md", r"starts gunicorn with (\d+) workers", int),
+    ("worker_class", "README.md", r"the default is \*\*(\w+)\*\*", str),
+    ("max_text_chars", "README.md", r"the limit is ([\d,]+) characters", _number),
+    ("max_batch_size", "README.md", r"1 to (\d+) texts", int),
+    ("max_body_bytes", "README.md", r"body over `MAX_BODY_BYTES` \((\d+) MiB\)", _mib),
+    ("redis_timeout_ms", "README.md", r"Redis calls on the request path use (\d+) ms timeouts", int),
+    ("circuit_breaker_failure_threshold", "README.md", r"open after (\d+) consecutive failures", int),
+    ("circuit_breaker_timeout_seconds", "README.md", r"fail fast for (\d+) s, then one trial call", int),
+    ("retry_max_attempts", "README.md", r"(?:retries transient errors|tries each write up to) (\d+) times", int),
+    ("retry_base_delay_ms", "README.md", r"full jitter \((\d+) ms to \d+ s\)", int),
+    ("retry_max_delay_ms", "README.md", r"full jitter \(\d+ ms to (\d+) s\)", _seconds_in_ms),
+    ("fast_path", "README.md", r"`FAST_PATH=(false)` forces scikit-learn", _not),
+    ("allow_dummy_model", "README.md", r"`ALLOW_DUMMY_MODEL=(false)` makes such a model refuse to start", _not),
+    ("log_request_text", "README.md", r"the raw text only with `LOG_REQUEST_TEXT=(true)`", _not),
+    ("request_log_enabled", "README.md", r"With `REQUEST_LOG_ENABLED=(false)` it neither migrates", _not),
+    ("redis_timeout_ms", "docs/RUNBOOK.md", r"request-path calls time out at (\d+) ms", int),
+    ("circuit_breaker_timeout_seconds", "docs/RUNBOOK.md", r"the breaker's (\d+) s open period", int),
+    ("cache_redis_min_chars", "docs/RUNBOOK.md", r"`CACHE_REDIS_MIN_CHARS` \((\d+)\) characters", int),
+    (
+        "graceful_shutdown_timeout_seconds",
+        "systemd/falcon-worker@.service",
+        r"GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS \(default (\d+)\)",
+        int,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "pattern", "read"),
+    DOCUMENTED_DEFAULTS,
+    ids=[f"{path}:{name}" for name, path, _, _ in DOCUMENTED_DEFAULTS],
+)
+def test_defaults_are_what_the_documents_state(name, path, pattern, read):
+    """README.md (and the runbook, the unit) promise these defaults; Settings and .env.example must keep them."""
+    documented = read(_claim(path, pattern))
+    assert getattr(Settings(), name) == documented, f"{path} says {name} defaults to {documented!r}"
+    key = name.upper()
+    listed = env_example_values()
+    assert key in listed, f".env.example does not set {key}"
+    assert getattr(Settings.from_env({key: listed[key]}), name) == documented, (
+        f".env.example sets {key}={listed[key]}, but {path} says {documented!r}"
+    )

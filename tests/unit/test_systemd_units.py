@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tools import require_tool
+from tools import require_tool, skip_or_fail, tools_required
 
 from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
 from falcon_svc.settings import Settings
@@ -16,7 +16,12 @@ from falcon_svc.settings import Settings
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 TEMPLATE = SYSTEMD_DIR / "falcon-worker@.service"
 TARGET = SYSTEMD_DIR / "falcon-svc.target"
-MAX_EXPOSURE = 2.5
+# README.md states this bound; scripts/e2e_checks.sh (SECURITY_LIMIT) holds the live
+# unit on the e2e host to it too. NOTE: offline, systemd 252 rates the unit file 1.3,
+# while the live unit on the host rates 1.1: the offline report charges 0.2 for
+# PrivateMounts= (with PrivateMounts=yes added it too says 1.1): that line is the
+# whole difference.
+MAX_EXPOSURE = 1.5
 # Beyond graceful_timeout: the workers' request-log flush and the master's exit.
 STOP_MARGIN_SECONDS = 10
 
@@ -176,7 +181,23 @@ def test_security_exposure_is_low(systemd_root):
     result = analyze("security", "--offline=yes", f"--root={systemd_root}", "falcon-worker@8001.service")
     output = result.stdout + result.stderr
     if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
-        pytest.skip(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}")
+        reason = f"this systemd-analyze has no --offline mode (systemd >= 250 has): {output.strip()[:200]}"
+        skip_or_fail(reason, required=tools_required())
     match = re.search(r"Overall exposure level for falcon-worker@8001\.service: (\d+(?:\.\d+)?)", output)
     assert match, f"no exposure line in: {output[-2000:]}"
     assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
+
+
+def test_readme_and_e2e_checks_state_the_same_exposure_bound():
+    repo = SYSTEMD_DIR.parent
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"rates it (\d+\.\d+) on the e2e host, and the tests hold it to at\s+most (\d+\.\d+)", readme)
+    assert stated, "README.md no longer states the systemd-analyze security exposure as this test expects"
+    measured, bound = (float(value) for value in stated.groups())
+    e2e_limit = re.search(r"^SECURITY_LIMIT=(\S+)$", (repo / "scripts" / "e2e_checks.sh").read_text(), re.MULTILINE)
+    assert e2e_limit, "scripts/e2e_checks.sh has no SECURITY_LIMIT= line"
+    assert bound == float(e2e_limit.group(1)) == MAX_EXPOSURE, (
+        f"exposure bounds disagree: README.md {bound}, scripts/e2e_checks.sh {e2e_limit.group(1)}, "
+        f"this test {MAX_EXPOSURE}"
+    )
+    assert measured <= MAX_EXPOSURE, f"README.md's measured exposure {measured} is above the bound {MAX_EXPOSURE}"

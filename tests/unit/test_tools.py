@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tools import SYSTEM_DIRS, require_tool
+from tools import SYSTEM_DIRS, model_required, require_tool, skip_or_fail
 
 MISSING = "falcon-no-such-binary"
 
@@ -14,6 +14,7 @@ MISSING = "falcon-no-such-binary"
 def no_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("FALCON_REQUIRE_TOOLS", raising=False)
+    monkeypatch.delenv("FALCON_REQUIRE_MODEL", raising=False)
 
 
 @pytest.mark.usefixtures("no_ci")
@@ -58,3 +59,20 @@ def test_finds_sbin_tools_off_path(monkeypatch, tmp_path: Path):
     # ldconfig (libc-bin, essential) lives in sbin, which a non-root PATH lacks.
     found = Path(require_tool("ldconfig", "libc-bin"))
     assert str(found.parent) in SYSTEM_DIRS, found
+
+
+@pytest.mark.usefixtures("no_ci")
+@pytest.mark.parametrize(
+    ("name", "value", "required"),
+    [("CI", "true", True), ("FALCON_REQUIRE_MODEL", "1", True), ("FALCON_REQUIRE_MODEL", "0", False)],
+)
+def test_model_required_follows_ci_and_falcon_require_model(monkeypatch: pytest.MonkeyPatch, name, value, required):
+    monkeypatch.setenv(name, value)
+    assert model_required() is required
+
+
+def test_skip_or_fail_fails_when_required_and_skips_otherwise():
+    with pytest.raises(pytest.fail.Exception, match="why"):
+        skip_or_fail("why", required=True)
+    with pytest.raises(pytest.skip.Exception, match="why"):
+        skip_or_fail("why", required=False)
