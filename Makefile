@@ -27,10 +27,10 @@ TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node
   prometheus-alertmanager systemd chromium chromium-driver
 # What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
 E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl iproute2
-# tests/test_model_quality.py checks the model here, whatever MODEL_DIR says.
+# tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.
 TEST_MODEL_DIR := models/sentiment
 
-.PHONY: help venv deploy-tools run test lint model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
+.PHONY: help venv deploy-tools run test test-unit lint model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health
 
 help:  ## List the targets
@@ -86,16 +86,20 @@ run: $(STAMP) model  ## Start the service on BIND (127.0.0.1:8000 unless .env or
 test: $(STAMP) $(DEPLOY_STAMP)  ## Install the test packages, then run lint and the whole test suite
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
 	$(PY) scripts/train_model.py --output-dir $(TEST_MODEL_DIR)
-	$(VENV)/bin/ruff check .
-	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest
+	$(MAKE) --no-print-directory lint
+	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest --durations=15
 
-lint: $(STAMP)  ## ruff
+test-unit: $(STAMP)  ## Unit tests only: seconds, no servers, no model training
+	$(VENV)/bin/pytest tests/unit
+
+lint: $(STAMP)  ## ruff (lint and format)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path
-	$(PY) scripts/bench_model.py --model-dir $(MODEL_DIR)
-	bash scripts/bench_http.sh
-	$(PY) scripts/bench_full.py
+	$(PY) scripts/bench/bench_model.py --model-dir $(MODEL_DIR)
+	bash scripts/bench/bench_http.sh
+	$(PY) scripts/bench/bench_full.py
 
 check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
 	bash scripts/check_health.sh
@@ -117,12 +121,15 @@ e2e: e2e-system-deps $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all 
 
 mutation: $(STAMP)  ## Mutation testing of the core modules against the unit tests (slow; not in CI)
 	$(PIP) install -q -r requirements-mutation.txt
-	rm -rf mutants
-	@# mutmut draws a progress spinner; the score and the survivors are what matter.
-	$(VENV)/bin/mutmut run --max-children 2 >/dev/null
+	rm -rf mutants && mkdir mutants
+	@# mutmut draws a progress spinner: its output goes to mutants/run.log, shown only when
+	@# the run fails (such as a test that fails on the unmutated code: docs/TESTING.md).
+	$(VENV)/bin/mutmut run --max-children 2 >mutants/run.log 2>&1 \
+	  || { tr '\r' '\n' <mutants/run.log | tail -n 40; exit 1; }
 	@$(VENV)/bin/mutmut export-cicd-stats >/dev/null
 	@$(PY) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
-	  print("mutation score: %(killed)s of %(total)s killed, %(survived)s survived, %(timeout)s timed out" % s)'
+	  print("mutation score: %(killed)s of %(total)s killed, %(survived)s survived," \
+	        " %(no_tests)s reached by no test, %(timeout)s timed out" % s)'
 	$(VENV)/bin/mutmut results
 
 clean:  ## Remove the venv, the model and caches

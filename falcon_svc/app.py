@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 import falcon
@@ -21,7 +20,7 @@ from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
 from falcon_svc.logs import configure_logging
 from falcon_svc.middleware import RequestContext
-from falcon_svc.model import Model, ModelLoadError, load_model
+from falcon_svc.model import Model
 from falcon_svc.resources.health import LivenessResource, Readiness, ReadinessResource
 from falcon_svc.resources.infer import BatchInferResource, InferResource
 from falcon_svc.resources.metrics import MetricsResource
@@ -35,14 +34,10 @@ from falcon_svc.resources.v2 import (
     V2ReadyResource,
     V2ServerResource,
 )
-from falcon_svc.settings import Settings, SettingsError
+from falcon_svc.settings import Settings
+from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
 
 logger = logging.getLogger(__name__)
-
-# Distinct exit codes (sysexits.h) so systemd's RestartPreventExitStatus= can stop
-# a restart loop that no restart would fix.
-EXIT_CONFIG = 78  # EX_CONFIG: a setting is invalid
-EXIT_NO_MODEL = 66  # EX_NOINPUT: the model artifact is missing, corrupt or refused
 
 
 def create_app(
@@ -102,45 +97,6 @@ def create_app(
     metrics.WORKER_START_TIME.set(time.time())
     metrics.DRAINING.set(0)
     return app
-
-
-def load_settings_or_exit() -> Settings:
-    """Return settings from the environment, or log one line and exit ``EXIT_CONFIG``."""
-    try:
-        return Settings.from_env()
-    except SettingsError as ex:
-        logger.critical("invalid configuration: %s", ex, extra={"exit_code": EXIT_CONFIG})
-        sys.exit(EXIT_CONFIG)
-
-
-def load_model_or_exit(settings: Settings) -> Model:
-    """Return the configured model, or log one line and exit ``EXIT_NO_MODEL``."""
-    try:
-        model = load_model(settings.model_dir, fast_path=settings.fast_path)
-    except ModelLoadError as ex:
-        logger.critical(
-            "cannot load the model from %s: %s (train it with: make model)",
-            settings.model_dir,
-            ex,
-            extra={"exit_code": EXIT_NO_MODEL},
-        )
-        sys.exit(EXIT_NO_MODEL)
-    if model.kind == "dummy":
-        if not settings.allow_dummy_model:
-            logger.critical(
-                "the model in %s is the dummy model and ALLOW_DUMMY_MODEL=false",
-                settings.model_dir,
-                extra={"exit_code": EXIT_NO_MODEL},
-            )
-            sys.exit(EXIT_NO_MODEL)
-        logger.warning(
-            "DEGRADED: serving the DUMMY model from %s; its predictions are not meaningful "
-            "(install the training data and run: make model)",
-            settings.model_dir,
-        )
-    if settings.fast_path and model.scorer != "compiled":
-        logger.warning("fast path failed verification; serving with scikit-learn predict_proba")
-    return model
 
 
 def get_app() -> falcon.App:

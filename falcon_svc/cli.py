@@ -25,8 +25,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     """Validate settings and the model as the service would, then print a summary."""
-    from falcon_svc.app import load_model_or_exit, load_settings_or_exit
     from falcon_svc.settings import describe
+    from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
 
     settings = load_settings_or_exit()
     model = load_model_or_exit(settings)
@@ -47,8 +47,8 @@ def migrate(args: argparse.Namespace) -> int:
     """
     import psycopg
 
-    from falcon_svc.app import load_settings_or_exit
     from falcon_svc.migrate import MigrationError, apply_migrations
+    from falcon_svc.startup import load_settings_or_exit
 
     settings = load_settings_or_exit()
     if args.if_reachable and not settings.request_log_enabled:
@@ -69,7 +69,7 @@ def migrate(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Train the model (or the dummy when the data package is missing)."""
-    from falcon_svc.model.train_cli import main as train_main
+    from falcon_svc.training.train_cli import main as train_main
 
     return train_main(args.train_args)
 

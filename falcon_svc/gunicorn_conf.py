@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from falcon_svc.settings import Settings, SettingsError
+from falcon_svc.startup import check_worker_class_or_exit
 
 # --- Prometheus multiprocess directory --------------------------------------
 # NOTE: must be in the environment before any process imports prometheus_client,
@@ -45,6 +46,9 @@ backlog = 2048
 # The model is CPU-bound: one worker per core is the starting point; the
 # systemd template runs one gunicorn per port, each with WORKERS workers.
 workers = _settings.workers
+# NOTE: gunicorn imports the worker class while it reads this file, before any hook:
+# a missing meinheld must stop here with its one line and exit 78, not a traceback.
+check_worker_class_or_exit(_settings)
 worker_class = _settings.gunicorn_worker_class
 # NOTE: gthread only. gunicorn silently turns "sync" into gthread when threads > 1,
 # so every other class gets exactly 1.
@@ -107,7 +111,7 @@ def on_starting(server) -> None:
     # NOTE: empty the metrics directory before importing the app, whose metric
     # objects open their files there on import.
     _reset_multiproc_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
-    from falcon_svc.app import load_model_or_exit, load_settings_or_exit
+    from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
 
     settings = load_settings_or_exit()
     model = load_model_or_exit(settings)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ class State(StrEnum):
     @property
     def gauge_value(self) -> int:
         return (State.CLOSED, State.HALF_OPEN, State.OPEN).index(self)
-
-
-class CircuitOpenError(Exception):
-    """Raised instead of calling a dependency whose breaker is open."""
 
 
 Transition = Callable[[str, State, State], None]
@@ -123,22 +119,6 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._move(State.OPEN)
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` through the breaker: fail fast when open, record the outcome.
-
-        Raises:
-            CircuitOpenError: the breaker does not allow a call now.
-        """
-        if not self.allow():
-            raise CircuitOpenError(f"{self.name} circuit is open")
-        try:
-            result = fn()
-        except Exception:
-            self.record_failure()
-            raise
-        self.record_success()
-        return result
-
     def _expire_open(self) -> None:
         if self._state is State.OPEN and self._clock() - self._opened_at >= self._reset_timeout:
             self._move(State.HALF_OPEN)
@@ -157,6 +137,59 @@ class CircuitBreaker:
         )
         if self._on_transition is not None:
             self._on_transition(self.name, old, new)
+
+
+class LatencyObserver(Protocol):
+    """What ``guarded_call`` reports a call's duration to (a bound Prometheus histogram)."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt(Generic[T]):
+    """What became of one guarded call: its value, its error, or refused by an open breaker."""
+
+    value: T | None = None
+    error: BaseException | None = None
+    refused: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and self.error is None
+
+
+REFUSED: Attempt[object] = Attempt(refused=True)
+
+
+def guarded_call(
+    breaker: CircuitBreaker,
+    fn: Callable[[], T],
+    *,
+    errors: tuple[type[BaseException], ...] = (Exception,),
+    latency: LatencyObserver | None = None,
+    ask_breaker: bool = True,
+) -> Attempt[T]:
+    """Call a dependency through its breaker: refuse if open, time the call, record the outcome.
+
+    An exception in ``errors`` is recorded as a failure and returned, never
+    raised: callers degrade instead of failing a request. Anything else is a bug
+    and propagates. ``ask_breaker=False`` skips the admission check for calls that
+    must be tried even while the breaker is open (releasing a claim), but still
+    records their outcome.
+    """
+    if ask_breaker and not breaker.allow():
+        return REFUSED  # type: ignore[return-value]  # value is None: valid for any T
+    started = time.perf_counter()
+    try:
+        value = fn()
+    except errors as ex:
+        breaker.record_failure()
+        return Attempt(error=ex)
+    finally:
+        if latency is not None:
+            latency.observe(time.perf_counter() - started)
+    breaker.record_success()
+    return Attempt(value)
 
 
 class RecoveryProbe:
@@ -202,14 +235,8 @@ class RecoveryProbe:
         breaker = self._breaker
         if breaker is None or breaker.healthy:
             return None
-        try:
-            breaker.call(self._check)
-        except CircuitOpenError:
-            return None
-        except Exception:
-            # The breaker has recorded the failure: the dependency is still down.
-            return False
-        return True
+        attempt = guarded_call(breaker, self._check)
+        return None if attempt.refused else attempt.ok
 
     def stop(self) -> None:
         """End the probe thread (if any) at its next wake-up; it is never started again."""

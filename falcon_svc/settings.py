@@ -3,6 +3,10 @@
 Every key is listed and explained in ``.env.example``. A bad value stops start-up
 with one clear message (``SettingsError``) naming the key, the value and what is
 allowed, so an operator reading ``journalctl`` knows what to fix.
+
+A setting is one line of ``Settings``: the environment key is the field name in
+upper case, the parser follows the annotation (``int``, ``bool``, ``str``, ``Path``),
+and ``_setting()`` records what is allowed (bounds, choices, a check of the value).
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,134 +37,118 @@ class SettingsError(ValueError):
     """A configuration value is missing or invalid."""
 
 
+def _check_bind(key: str, bind: str) -> None:
+    """Accept ``host:port`` or ``unix:/path``, the two forms gunicorn and nginx share."""
+    if bind.startswith("unix:"):
+        return
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{key}={bind!r} must be HOST:PORT or unix:PATH")
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    """Refuse a URL whose scheme the client library would reject later, in every worker."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in schemes or not rest:
+        raise SettingsError(f"{key}={url!r} must start with one of {', '.join(s + '://' for s in schemes)}")
+
+
+def _url(*schemes: str) -> Callable[[str, str], None]:
+    """Return the check of a URL setting whose client library speaks ``schemes``."""
+    return partial(_check_url, schemes=schemes)
+
+
+def _setting(
+    default: T,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    choices: tuple[str, ...] | None = None,
+    check: Callable[[str, T], None] | None = None,
+) -> T:
+    """Declare a setting's default and what ``from_env`` accepts for it.
+
+    ``minimum``/``maximum`` bound an ``int`` (both required); ``choices`` are the
+    lower-case values a ``str`` may take, in any case; ``check(key, value)`` runs on
+    the final value, default included, once every key has parsed.
+    """
+    rules = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check}
+    return dataclasses.field(default=default, metadata={name: rule for name, rule in rules.items() if rule is not None})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Typed configuration of one falcon-svc process (see ``.env.example``)."""
 
     # Serving (read by gunicorn_conf)
-    bind: str = "127.0.0.1:8000"
-    workers: int = 2
-    worker_class: str = "meinheld"
-    threads: int = 4
-    timeout_seconds: int = 30
-    graceful_shutdown_timeout_seconds: int = 20
-    keepalive_seconds: int = 5
-    max_requests: int = 0
+    bind: str = _setting("127.0.0.1:8000", check=_check_bind)
+    workers: int = _setting(2, minimum=1, maximum=64)
+    worker_class: str = _setting("meinheld", choices=tuple(WORKER_CLASSES))
+    threads: int = _setting(4, minimum=1, maximum=256)
+    timeout_seconds: int = _setting(30, minimum=1, maximum=3600)
+    graceful_shutdown_timeout_seconds: int = _setting(20, minimum=1, maximum=3600)
+    keepalive_seconds: int = _setting(5, minimum=0, maximum=300)
+    max_requests: int = _setting(0, minimum=0, maximum=10**9)
     # Model
     model_dir: Path = Path("models/sentiment")
     fast_path: bool = True
     allow_dummy_model: bool = True
     # HTTP contract limits
-    max_body_bytes: int = 2 * 1024 * 1024
-    max_text_chars: int = 5000
-    max_batch_size: int = 50
+    max_body_bytes: int = _setting(2 * 1024 * 1024, minimum=1024, maximum=64 * 2**20)
+    max_text_chars: int = _setting(5000, minimum=1, maximum=100_000)
+    max_batch_size: int = _setting(50, minimum=1, maximum=1000)
     # Redis: response cache and idempotency
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_ms: int = 50
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", check=_url("redis", "rediss", "unix"))
+    redis_timeout_ms: int = _setting(50, minimum=1, maximum=10_000)
     cache_enabled: bool = True
-    cache_ttl_seconds: int = 3600
-    cache_local_items: int = 10_000
-    cache_redis_min_chars: int = 256
-    idempotency_ttl_seconds: int = 86_400
-    idempotency_lock_seconds: int = 30
+    cache_ttl_seconds: int = _setting(3600, minimum=1, maximum=30 * 86400)
+    cache_local_items: int = _setting(10_000, minimum=0, maximum=10**7)
+    cache_redis_min_chars: int = _setting(256, minimum=0, maximum=10**7)
+    idempotency_ttl_seconds: int = _setting(86_400, minimum=1, maximum=30 * 86400)
+    idempotency_lock_seconds: int = _setting(30, minimum=1, maximum=3600)
     # PostgreSQL: the request log
     request_log_enabled: bool = True
-    database_url: str = "postgresql://falcon@127.0.0.1:5432/falcon"
-    log_buffer_max: int = 1000
-    log_batch_size: int = 200
-    log_flush_interval_ms: int = 200
+    database_url: str = _setting("postgresql://falcon@127.0.0.1:5432/falcon", check=_url("postgresql", "postgres"))
+    log_buffer_max: int = _setting(1000, minimum=1, maximum=10**7)
+    log_batch_size: int = _setting(200, minimum=1, maximum=100_000)
+    log_flush_interval_ms: int = _setting(200, minimum=1, maximum=60_000)
     log_spool_dir: Path = Path("var/spool")
-    log_spool_max_bytes: int = 256 * 2**20
+    log_spool_max_bytes: int = _setting(256 * 2**20, minimum=0, maximum=2**40)
     log_request_text: bool = False
     # Resilience
-    circuit_breaker_failure_threshold: int = 5
-    circuit_breaker_timeout_seconds: int = 60
-    retry_max_attempts: int = 3
-    retry_base_delay_ms: int = 100
-    retry_max_delay_ms: int = 5000
+    circuit_breaker_failure_threshold: int = _setting(5, minimum=1, maximum=1000)
+    circuit_breaker_timeout_seconds: int = _setting(60, minimum=1, maximum=3600)
+    retry_max_attempts: int = _setting(3, minimum=1, maximum=20)
+    retry_base_delay_ms: int = _setting(100, minimum=1, maximum=60_000)
+    retry_max_delay_ms: int = _setting(5000, minimum=1, maximum=600_000)
     # Identity and logs
     instance_name: str = dataclasses.field(default_factory=socket.gethostname)
-    log_level: str = "info"
+    log_level: str = _setting("info", choices=LOG_LEVELS)
     access_log: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default: ``os.environ``).
 
+        A key that is unset or blank keeps its default.
+
         Raises:
             SettingsError: one message naming the first bad key.
         """
         env = os.environ if environ is None else environ
-        defaults = cls()
-        reader = _Reader(env)
-        settings = cls(
-            bind=reader.text("BIND", defaults.bind),
-            workers=reader.integer("WORKERS", defaults.workers, minimum=1, maximum=64),
-            worker_class=reader.choice("WORKER_CLASS", defaults.worker_class, tuple(WORKER_CLASSES)),
-            threads=reader.integer("THREADS", defaults.threads, minimum=1, maximum=256),
-            timeout_seconds=reader.integer("TIMEOUT_SECONDS", defaults.timeout_seconds, minimum=1, maximum=3600),
-            graceful_shutdown_timeout_seconds=reader.integer(
-                "GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS",
-                defaults.graceful_shutdown_timeout_seconds,
-                minimum=1,
-                maximum=3600,
-            ),
-            keepalive_seconds=reader.integer("KEEPALIVE_SECONDS", defaults.keepalive_seconds, minimum=0, maximum=300),
-            max_requests=reader.integer("MAX_REQUESTS", defaults.max_requests, minimum=0, maximum=10**9),
-            model_dir=Path(reader.text("MODEL_DIR", str(defaults.model_dir))),
-            fast_path=reader.boolean("FAST_PATH", defaults.fast_path),
-            allow_dummy_model=reader.boolean("ALLOW_DUMMY_MODEL", defaults.allow_dummy_model),
-            max_body_bytes=reader.integer("MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 2**20),
-            max_text_chars=reader.integer("MAX_TEXT_CHARS", defaults.max_text_chars, minimum=1, maximum=100_000),
-            max_batch_size=reader.integer("MAX_BATCH_SIZE", defaults.max_batch_size, minimum=1, maximum=1000),
-            redis_url=reader.text("REDIS_URL", defaults.redis_url),
-            redis_timeout_ms=reader.integer("REDIS_TIMEOUT_MS", defaults.redis_timeout_ms, minimum=1, maximum=10_000),
-            cache_enabled=reader.boolean("CACHE_ENABLED", defaults.cache_enabled),
-            cache_ttl_seconds=reader.integer(
-                "CACHE_TTL_SECONDS", defaults.cache_ttl_seconds, minimum=1, maximum=30 * 86400
-            ),
-            cache_local_items=reader.integer("CACHE_LOCAL_ITEMS", defaults.cache_local_items, minimum=0, maximum=10**7),
-            cache_redis_min_chars=reader.integer(
-                "CACHE_REDIS_MIN_CHARS", defaults.cache_redis_min_chars, minimum=0, maximum=10**7
-            ),
-            idempotency_ttl_seconds=reader.integer(
-                "IDEMPOTENCY_TTL_SECONDS", defaults.idempotency_ttl_seconds, minimum=1, maximum=30 * 86400
-            ),
-            idempotency_lock_seconds=reader.integer(
-                "IDEMPOTENCY_LOCK_SECONDS", defaults.idempotency_lock_seconds, minimum=1, maximum=3600
-            ),
-            request_log_enabled=reader.boolean("REQUEST_LOG_ENABLED", defaults.request_log_enabled),
-            database_url=reader.text("DATABASE_URL", defaults.database_url),
-            log_buffer_max=reader.integer("LOG_BUFFER_MAX", defaults.log_buffer_max, minimum=1, maximum=10**7),
-            log_batch_size=reader.integer("LOG_BATCH_SIZE", defaults.log_batch_size, minimum=1, maximum=100_000),
-            log_flush_interval_ms=reader.integer(
-                "LOG_FLUSH_INTERVAL_MS", defaults.log_flush_interval_ms, minimum=1, maximum=60_000
-            ),
-            log_spool_dir=Path(reader.text("LOG_SPOOL_DIR", str(defaults.log_spool_dir))),
-            log_spool_max_bytes=reader.integer(
-                "LOG_SPOOL_MAX_BYTES", defaults.log_spool_max_bytes, minimum=0, maximum=2**40
-            ),
-            log_request_text=reader.boolean("LOG_REQUEST_TEXT", defaults.log_request_text),
-            circuit_breaker_failure_threshold=reader.integer(
-                "CIRCUIT_BREAKER_FAILURE_THRESHOLD", defaults.circuit_breaker_failure_threshold, minimum=1, maximum=1000
-            ),
-            circuit_breaker_timeout_seconds=reader.integer(
-                "CIRCUIT_BREAKER_TIMEOUT_SECONDS", defaults.circuit_breaker_timeout_seconds, minimum=1, maximum=3600
-            ),
-            retry_max_attempts=reader.integer("RETRY_MAX_ATTEMPTS", defaults.retry_max_attempts, minimum=1, maximum=20),
-            retry_base_delay_ms=reader.integer(
-                "RETRY_BASE_DELAY_MS", defaults.retry_base_delay_ms, minimum=1, maximum=60_000
-            ),
-            retry_max_delay_ms=reader.integer(
-                "RETRY_MAX_DELAY_MS", defaults.retry_max_delay_ms, minimum=1, maximum=600_000
-            ),
-            instance_name=reader.text("INSTANCE_NAME", defaults.instance_name),
-            log_level=reader.choice("LOG_LEVEL", defaults.log_level, LOG_LEVELS),
-            access_log=reader.boolean("ACCESS_LOG", defaults.access_log),
-        )
-        _check_bind(settings.bind)
-        _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss", "unix"))
-        _check_url("DATABASE_URL", settings.database_url, ("postgresql", "postgres"))
+        types = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        values = {}
+        for field in fields:
+            raw = env.get(field.name.upper(), "").strip()
+            if raw:
+                values[field.name] = _PARSERS[types[field.name]](field.name.upper(), raw, field.metadata)
+        settings = cls(**values)
+        # NOTE: checks come after every key has parsed, as they always have, so the
+        # first bad key reported is the same whichever keys are set.
+        for field in fields:
+            if check := field.metadata.get("check"):
+                check(field.name.upper(), getattr(settings, field.name))
         return settings
 
     @property
@@ -167,67 +157,46 @@ class Settings:
         return WORKER_CLASSES[self.worker_class]
 
 
-class _Reader:
-    """Parse one key at a time, naming the key in every error."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def _get(self, key: str, default: T, parse: Callable[[str], T]) -> T:
-        raw = self._env.get(key)
-        if raw is None or raw.strip() == "":
-            return default
-        return parse(raw.strip())
-
-    def text(self, key: str, default: str) -> str:
-        return self._get(key, default, str)
-
-    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        def parse(raw: str) -> int:
-            try:
-                value = int(raw)
-            except ValueError as ex:
-                raise SettingsError(f"{key}={raw!r} is not an integer") from ex
-            if not minimum <= value <= maximum:
-                raise SettingsError(f"{key}={value} is out of range [{minimum}, {maximum}]")
-            return value
-
-        return self._get(key, default, parse)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        def parse(raw: str) -> bool:
-            lowered = raw.lower()
-            if lowered in _TRUE:
-                return True
-            if lowered in _FALSE:
-                return False
-            raise SettingsError(f"{key}={raw!r} is not a boolean (use true or false)")
-
-        return self._get(key, default, parse)
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        def parse(raw: str) -> str:
-            if raw.lower() not in allowed:
-                raise SettingsError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
-            return raw.lower()
-
-        return self._get(key, default, parse)
+def _integer(key: str, raw: str, rules: Mapping[str, Any]) -> int:
+    try:
+        value = int(raw)
+    except ValueError as ex:
+        raise SettingsError(f"{key}={raw!r} is not an integer") from ex
+    minimum, maximum = rules["minimum"], rules["maximum"]
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{key}={value} is out of range [{minimum}, {maximum}]")
+    return value
 
 
-def _check_bind(bind: str) -> None:
-    """Accept ``host:port`` or ``unix:/path``, the two forms gunicorn and nginx share."""
-    if bind.startswith("unix:"):
-        return
-    host, sep, port = bind.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"BIND={bind!r} must be HOST:PORT or unix:PATH")
+def _boolean(key: str, raw: str, rules: Mapping[str, Any]) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingsError(f"{key}={raw!r} is not a boolean (use true or false)")
 
 
-def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
-    """Refuse a URL whose scheme the client library would reject later, in every worker."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in schemes or not rest:
-        raise SettingsError(f"{key}={url!r} must start with one of {', '.join(s + '://' for s in schemes)}")
+def _text(key: str, raw: str, rules: Mapping[str, Any]) -> str:
+    allowed = rules.get("choices")
+    if allowed is None:
+        return raw
+    if raw.lower() not in allowed:
+        raise SettingsError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
+    return raw.lower()
+
+
+def _path(key: str, raw: str, rules: Mapping[str, Any]) -> Path:
+    return Path(raw)
+
+
+# One parser per annotation: parse(key, stripped raw value, the field's rules).
+_PARSERS: dict[Any, Callable[[str, str, Mapping[str, Any]], Any]] = {
+    int: _integer,
+    bool: _boolean,
+    str: _text,
+    Path: _path,
+}
 
 
 def describe(settings: Settings) -> dict[str, Any]:

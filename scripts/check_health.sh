@@ -21,7 +21,7 @@ NGINX_SITE=${FALCON_NGINX_SITE:-/etc/nginx/conf.d/falcon-svc.conf}
 PROMETHEUS_URL=${PROMETHEUS_URL:-http://127.0.0.1:9090}
 DEFAULT_SPOOL_DIR=/var/lib/falcon-svc/spool
 # Units the roles install besides the workers (roles redis, postgresql, nginx,
-# prometheus, node_exporter, exporters). tests/test_docs.py keeps this list in step
+# prometheus, node_exporter, exporters). tests/ops/test_docs.py keeps this list in step
 # with the roles' systemd_service tasks.
 SERVICE_UNITS=(nginx redis-server postgresql prometheus prometheus-alertmanager prometheus-node-exporter
   prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter)

@@ -30,7 +30,7 @@ MACHINE=falcon-e2e
 # Every port the provisioned host listens on (ss -ltn there): nginx 80 and its status
 # 8080, Redis, PostgreSQL, the two workers, Prometheus, Alertmanager (its cluster port
 # 9094 is off), the four exporters, and ssh. No Grafana 3000: the package is not
-# installed here. The docs (UBUNTU_DEPLOYMENT.md) list the same; tests/test_docs.py checks it.
+# installed here. The docs (UBUNTU_DEPLOYMENT.md) list the same; tests/ops/test_docs.py checks it.
 PORTS=(80 5432 6379 8001 8002 8080 9090 9093 9100 9113 9121 9187 "$SSH_PORT")
 ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
 PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl

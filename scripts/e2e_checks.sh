@@ -109,7 +109,7 @@ check_http() {
 run_faults() {
   local name rc
   say "copying the failure-injection scripts to the host"
-  tar -C "$REPO_DIR/scripts" -cf - faults "${FAULTS[@]/%/.sh}" \
+  tar -C "$REPO_DIR/scripts/faults" -cf - lib.sh loadgen.py "${FAULTS[@]/%/.sh}" \
     | ssh_cmd 'rm -rf /root/falcon-faults && mkdir -p /root/falcon-faults && tar -xf - -C /root/falcon-faults'
   for name in "${FAULTS[@]}"; do
     say "--- $name.sh on the host"

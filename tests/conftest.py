@@ -11,8 +11,9 @@ import pytest
 
 from falcon_svc.app import create_app
 from falcon_svc.lifecycle import Lifecycle
-from falcon_svc.model import Model, build_dummy_model, load_model
+from falcon_svc.model import Model, load_model
 from falcon_svc.settings import Settings
+from falcon_svc.training import build_dummy_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

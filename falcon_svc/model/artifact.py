@@ -6,6 +6,7 @@ differs, so a half-copied or swapped model never serves traffic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,18 +17,26 @@ import joblib
 import sklearn
 from sklearn.pipeline import Pipeline
 
-from falcon_svc.model.data import sha256_file
-
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
-# Bump whenever the fitted pipeline's shape changes, so old artifacts are retrained
-# rather than loaded into code that no longer matches them.
+# Bump whenever the fitted pipeline's shape changes, or a class or function it
+# pickles by import path moves (features.LexiconFeatures, features.preprocess), so
+# old artifacts are retrained rather than loaded into code that no longer matches them.
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("name", "version", "sha256", "labels", "kind", "format_version")
 
 
 class ModelLoadError(Exception):
     """Raised when a model artifact is missing, corrupt or unsupported."""
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_artifact(pipeline: Pipeline, metadata: dict, output_dir: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from servers import stop_process
 
-from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
+from falcon_svc.startup import EXIT_CONFIG, EXIT_NO_MODEL
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -355,6 +355,18 @@ def test_fatal_start_up_problem_exits_with_its_code(dummy_model_dir, tmp_path, s
     returncode, output = serve_expecting_exit(service_env(dummy_model_dir, free_port(), tmp_path, **{setting: value}))
     assert returncode == code, output
     assert message in output
+
+
+def test_meinheld_missing_exits_78_with_one_line(dummy_model_dir, tmp_path):
+    # A package named meinheld that fails to import stands in for one not installed.
+    shadow = tmp_path / "shadow" / "meinheld"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'meinheld' (test)\")\n")
+    env = service_env(dummy_model_dir, free_port(), tmp_path, WORKER_CLASS="meinheld")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow.parent), env.get("PYTHONPATH")]))
+    returncode, output = serve_expecting_exit(env)
+    assert returncode == EXIT_CONFIG, output
+    assert "meinheld is not installed" in output and "Traceback" not in output, output
 
 
 def test_dead_workers_series_do_not_linger(dummy_model_dir, tmp_path):

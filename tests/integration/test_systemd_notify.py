@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_gunicorn_serving import call, free_port, service_env, started_service
 
-from falcon_svc.app import EXIT_NO_MODEL
+from falcon_svc.startup import EXIT_NO_MODEL
 
 pytestmark = pytest.mark.integration
 

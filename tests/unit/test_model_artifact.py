@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from falcon_svc.model import ModelLoadError, build_dummy_model, load_model
+from falcon_svc.model import ModelLoadError, load_model
 from falcon_svc.model.artifact import (
     METADATA_FILE,
     MODEL_FILE,
     is_valid_artifact,
     read_artifact,
 )
+from falcon_svc.training import build_dummy_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pickle
 import numpy as np
 from tools import model_required, skip_or_fail
 
-from falcon_svc.model.data import DataUnavailableError, load_vader_lexicon
 from falcon_svc.model.features import (
     LEXICON_FEATURE_NAMES,
     PLAIN_FEATURE_NAMES,
@@ -14,8 +13,9 @@ from falcon_svc.model.features import (
     lexicon_features,
     preprocess,
     strip_noise,
-    vader_scores,
 )
+from falcon_svc.model.vader import vader_scores
+from falcon_svc.training.data import DataUnavailableError, load_vader_lexicon
 
 VALENCES = {"good": 1.9, "bad": -2.5, "love": 3.2, ":)": 2.0}
 NEGATIONS = frozenset({"not", "don't", "never"})

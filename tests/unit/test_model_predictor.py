@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from falcon_svc.model import Model, Prediction, build_dummy_model, load_model
+from falcon_svc.model import Model, Prediction, load_model
 from falcon_svc.model.scorer import compile_pipeline
+from falcon_svc.training import build_dummy_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from falcon_svc.resilience import CircuitBreaker, CircuitOpenError, RecoveryProbe, RetryPolicy, State, retry
+from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State, guarded_call, retry
 
 
 class FakeClock:
@@ -59,8 +59,10 @@ def test_opens_after_five_consecutive_failures_and_fails_fast(breaker, transitio
     fail(breaker, 5)
     assert breaker.state is State.OPEN
     assert not breaker.allow()
-    with pytest.raises(CircuitOpenError):
-        breaker.call(lambda: "never called")
+    calls: list[str] = []
+    attempt = guarded_call(breaker, lambda: calls.append("called"))
+    assert attempt.refused and not attempt.ok and attempt.error is None
+    assert calls == [], "an open breaker must not call the dependency"
     assert transitions == [("redis", State.CLOSED, State.OPEN)]
 
 
@@ -78,7 +80,8 @@ def test_half_opens_after_the_timeout_and_admits_one_trial(breaker, clock, trans
 def test_trial_success_closes(breaker, clock, transitions):
     fail(breaker, 5)
     clock.now += 60
-    assert breaker.call(lambda: 42) == 42
+    attempt = guarded_call(breaker, lambda: 42)
+    assert attempt.ok and attempt.value == 42
     assert breaker.state is State.CLOSED
     assert transitions[-1] == ("redis", State.HALF_OPEN, State.CLOSED)
     fail(breaker, 4)
@@ -88,8 +91,8 @@ def test_trial_success_closes(breaker, clock, transitions):
 def test_trial_failure_reopens_for_a_full_timeout(breaker, clock, transitions):
     fail(breaker, 5)
     clock.now += 60
-    with pytest.raises(ConnectionError):
-        breaker.call(_raise(ConnectionError("refused")))
+    attempt = guarded_call(breaker, _raise(ConnectionError("refused")))
+    assert isinstance(attempt.error, ConnectionError) and not attempt.refused and not attempt.ok
     assert breaker.state is State.OPEN
     assert transitions[-1] == ("redis", State.HALF_OPEN, State.OPEN)
     clock.now += 59
@@ -240,3 +243,84 @@ class TestRecoveryProbe:
         assert running >= 1, "the probe thread must be a daemon: it never holds up a worker's exit"
         probe.start()  # what every later failure calls
         assert probe_threads() == running, "a second start() must not start a second thread"
+
+
+# --- Found by mutation testing (`make mutation`, docs/TESTING.md) ---------------------
+
+
+def test_half_open_admits_up_to_its_trial_budget_at_once(clock):
+    breaker = CircuitBreaker("redis", failure_threshold=1, reset_timeout=60, half_open_max_calls=3, clock=clock)
+    breaker.record_failure()
+    clock.now += 60
+    admitted = [breaker.allow() for _ in range(5)]
+    assert admitted == [True, True, True, False, False], "half-open admits exactly half_open_max_calls trials"
+
+
+def test_outcomes_are_reported_with_the_dependency_name():
+    outcomes: list[tuple[str, bool]] = []
+    breaker = CircuitBreaker("postgres", on_outcome=lambda name, ok: outcomes.append((name, ok)))
+    guarded_call(breaker, lambda: None)
+    guarded_call(breaker, _raise(ConnectionError("refused")))
+    assert outcomes == [("postgres", True), ("postgres", False)], "metrics are labelled by the name reported here"
+
+
+class FakeHistogram:
+    def __init__(self) -> None:
+        self.observed: list[float] = []
+
+    def observe(self, amount: float) -> None:
+        self.observed.append(amount)
+
+
+def test_guarded_call_times_successes_and_failures_but_not_refusals(breaker):
+    latency = FakeHistogram()
+    guarded_call(breaker, lambda: None, latency=latency)
+    guarded_call(breaker, _raise(ConnectionError("refused")), latency=latency)
+    assert len(latency.observed) == 2 and all(seconds >= 0 for seconds in latency.observed)
+    fail(breaker, 5)
+    guarded_call(breaker, lambda: None, latency=latency)
+    assert len(latency.observed) == 2, "a refused call never reached the dependency: nothing to time"
+
+
+def test_guarded_call_raises_errors_it_was_not_told_to_expect(breaker):
+    # A bug (a TypeError in our own code) must surface, not pass for a dead dependency.
+    with pytest.raises(TypeError):
+        guarded_call(breaker, _raise(TypeError("bug")), errors=(ConnectionError,))
+    assert breaker.healthy, "a bug in the caller is not the dependency's failure"
+
+
+def test_guarded_call_without_asking_still_records_the_outcome(breaker):
+    fail(breaker, 5)
+    attempt = guarded_call(breaker, lambda: "released", ask_breaker=False)
+    assert attempt.ok and attempt.value == "released"
+    assert breaker.state is State.CLOSED, "a success closes the breaker even when it was not asked"
+
+
+def test_each_transition_logs_one_structured_warning(breaker, caplog):
+    with caplog.at_level("WARNING", logger="falcon_svc.resilience"):
+        fail(breaker, 5)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == "circuit redis: closed -> open"
+    fields = {name: getattr(record, name, None) for name in ("dependency", "from_state", "to_state")}
+    assert fields == {"dependency": "redis", "from_state": "closed", "to_state": "open"}, (
+        "the JSON log carries the transition as fields"
+    )
+
+
+def test_retry_reports_each_failed_attempt_by_number():
+    reported: list[tuple[int, BaseException]] = []
+    errors = [ConnectionError("first"), ConnectionError("second")]
+
+    def flaky():
+        if errors:
+            raise errors[0]
+        return "ok"
+
+    def on_retry(attempt: int, ex: BaseException) -> None:
+        reported.append((attempt, ex))
+        errors.pop(0)
+
+    result = retry(flaky, RetryPolicy(), is_transient=lambda ex: True, sleep=lambda _: None, on_retry=on_retry)
+    assert result == "ok"
+    assert [(attempt, str(ex)) for attempt, ex in reported] == [(1, "first"), (2, "second")]

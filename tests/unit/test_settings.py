@@ -2,11 +2,12 @@
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from falcon_svc.settings import Settings, SettingsError
+from falcon_svc.settings import Settings, SettingsError, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,3 +164,59 @@ def test_defaults_are_what_the_documents_state(name, path, pattern, read):
     assert getattr(Settings.from_env({key: listed[key]}), name) == documented, (
         f".env.example sets {key}={listed[key]}, but {path} says {documented!r}"
     )
+
+
+# --- Settings declared as fields: each key's rules come from its field ---------------------
+
+FIELDS = dataclasses.fields(Settings)
+TYPES = typing.get_type_hints(Settings)
+INTEGERS = [field for field in FIELDS if TYPES[field.name] is int]
+BOOLEANS = [field for field in FIELDS if TYPES[field.name] is bool]
+CHOICES = [field for field in FIELDS if "choices" in field.metadata]
+
+
+def test_defaults_read_back_through_the_parser():
+    """Every field's annotation has a parser, and every default passes its own rules and checks."""
+    defaults = Settings()
+    assert Settings.from_env(describe(defaults)) == defaults
+
+
+@pytest.mark.parametrize("field", INTEGERS, ids=lambda field: field.name)
+def test_integer_settings_accept_their_bounds_and_nothing_past_them(field):
+    key = field.name.upper()
+    assert {"minimum", "maximum"} <= set(field.metadata), f"{key} is an integer without bounds"
+    low, high = field.metadata["minimum"], field.metadata["maximum"]
+    assert getattr(Settings.from_env({key: str(low)}), field.name) == low
+    assert getattr(Settings.from_env({key: f" {high} "}), field.name) == high
+    for outside in (low - 1, high + 1):
+        with pytest.raises(SettingsError, match=re.escape(f"{key}={outside} is out of range [{low}, {high}]")):
+            Settings.from_env({key: str(outside)})
+    with pytest.raises(SettingsError, match=re.escape(f"{key}='1.5' is not an integer")):
+        Settings.from_env({key: "1.5"})
+
+
+@pytest.mark.parametrize("field", BOOLEANS, ids=lambda field: field.name)
+def test_boolean_settings_take_both_spellings_and_refuse_others(field):
+    key = field.name.upper()
+    for raw, value in (("YES", True), ("on", True), ("1", True), ("No", False), ("off", False), ("0", False)):
+        assert getattr(Settings.from_env({key: raw}), field.name) is value, f"{key}={raw}"
+    with pytest.raises(SettingsError, match=re.escape(f"{key}='y' is not a boolean (use true or false)")):
+        Settings.from_env({key: "y"})
+
+
+@pytest.mark.parametrize("field", CHOICES, ids=lambda field: field.name)
+def test_choice_settings_take_each_choice_in_any_case(field):
+    key, allowed = field.name.upper(), field.metadata["choices"]
+    assert TYPES[field.name] is str, f"{key}: choices apply to text settings only"
+    for choice in allowed:
+        assert getattr(Settings.from_env({key: choice.upper()}), field.name) == choice
+    with pytest.raises(SettingsError, match=re.escape(f"{key}='nope' is not one of {', '.join(allowed)}")):
+        Settings.from_env({key: "nope"})
+
+
+def test_checks_run_after_every_key_has_parsed():
+    """Two bad keys: a parse error wins over a check (BIND, URLs); checks go in field order."""
+    with pytest.raises(SettingsError, match=r"^WORKERS="):
+        Settings.from_env({"BIND": "nowhere", "WORKERS": "0"})
+    with pytest.raises(SettingsError, match=r"^REDIS_URL="):
+        Settings.from_env({"REDIS_URL": "x", "DATABASE_URL": "y"})

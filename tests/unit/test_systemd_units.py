@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tools import require_tool, skip_or_fail, tools_required
 
-from falcon_svc.app import EXIT_CONFIG, EXIT_NO_MODEL
 from falcon_svc.settings import Settings
+from falcon_svc.startup import EXIT_CONFIG, EXIT_NO_MODEL
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 TEMPLATE = SYSTEMD_DIR / "falcon-worker@.service"
@@ -91,7 +91,7 @@ def test_fatal_start_up_exits_do_not_restart_loop(service, unit):
     assert one(service, "Restart") == "on-failure"
     assert seconds(one(service, "RestartSec")) > 0
     prevented = {int(code) for code in one(service, "RestartPreventExitStatus").split()}
-    assert {EXIT_CONFIG, EXIT_NO_MODEL} <= prevented, f"{prevented} misses falcon_svc.app's exit codes"
+    assert {EXIT_CONFIG, EXIT_NO_MODEL} <= prevented, f"{prevented} misses falcon_svc.startup's exit codes"
     assert int(one(unit, "StartLimitBurst")) > 0
     assert seconds(one(unit, "StartLimitIntervalSec")) > 0
 

@@ -5,7 +5,7 @@
 # off, side by side in one run; prints one table. Loopback only, bounded.
 # Env: DURATION (s, default 10), CONNECTIONS (8), MODEL_DIR, WORKER_CLASSES.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 duration=${DURATION:-10}
 connections=${CONNECTIONS:-8}

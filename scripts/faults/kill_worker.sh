@@ -5,8 +5,8 @@
 # and it is ready again. The request-log rows still buffered in the killed processes
 # (at most LOG_FLUSH_INTERVAL_MS of that worker's traffic) die with them: SIGKILL
 # leaves no time to flush, so up to MAX_LOST_ROWS may be missing (reported exactly).
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init kill_worker
 require_ready_workers 2

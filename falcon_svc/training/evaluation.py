@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from falcon_svc.model.data import LABELS
-
-VADER_THRESHOLD = 0.05  # VADER's documented cut-offs for its compound score
+from falcon_svc.model.vader import VADER_THRESHOLD
+from falcon_svc.training.data import LABELS
 
 
 def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict:
@@ -28,14 +27,14 @@ def held_out_split(
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """Return (train texts, test texts, train labels, test labels): stratified by label, seeded.
 
-    The split training.train_model fits and reports on; tests/test_model_quality.py
+    The split training.train_model fits and reports on; tests/ops/test_model_quality.py
     rebuilds it to score a trained artifact itself rather than trust its metadata.
     """
     return train_test_split(texts, labels, test_size=test_size, stratify=labels, random_state=seed)
 
 
 def vader_predict(texts: Sequence[str]) -> list[str] | None:
-    """Label ``texts`` with VADER (compound >= 0.05 positive, <= -0.05 negative).
+    """Label ``texts`` with VADER (compound >= VADER_THRESHOLD positive, <= -VADER_THRESHOLD negative).
 
     Return None if vaderSentiment is not installed: the baseline is a yardstick
     for training, never a dependency of serving.

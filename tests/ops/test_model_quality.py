@@ -24,11 +24,11 @@ from tools import model_required, skip_or_fail
 
 from falcon_svc.model import Model, load_model
 from falcon_svc.model.artifact import METADATA_FILE
-from falcon_svc.model.data import LABELS, Corpus, DataUnavailableError, load_corpus, load_sentences
-from falcon_svc.model.evaluation import held_out_split, vader_predict
-from falcon_svc.model.training import DEV_SET, TrainingConfig
+from falcon_svc.training.data import LABELS, Corpus, DataUnavailableError, load_corpus, load_sentences
+from falcon_svc.training.evaluation import held_out_split, vader_predict
+from falcon_svc.training.training import DEV_SET, TrainingConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # NOTE: always models/sentiment, whatever MODEL_DIR says: `make test` trains it here.
 MODEL_DIR = REPO / "models" / "sentiment"
 README = REPO / "README.md"

@@ -4,8 +4,8 @@
 # Expect: requests do not wait for the database (no failed request, p99 stays far
 # below the lock time), the request-log backlog shows in the metrics (queue depth,
 # retries or spooled rows), and once the lock is gone every row lands exactly once.
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init postgres_slow
 require_ready_workers 1

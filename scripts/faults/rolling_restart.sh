@@ -3,8 +3,8 @@
 # the way the Ansible handler does (wait for /readyz, then for nginx to trust the
 # worker again, before the next). Run on the falcon-svc host as root. Expect: no
 # failed request, a new main pid for every unit, one request_log row per request.
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init rolling_restart
 require_ready_workers 2

@@ -8,8 +8,8 @@
 #   request, in-flight batches included;
 # - every request has its request_log row (the drain flushes the log buffer);
 # - the unit stops well before TimeoutStopSec, and comes back when started.
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init stop_worker
 require_ready_workers 2

@@ -4,8 +4,8 @@
 # with X-Idempotency-Key get `Idempotency-Status: unavailable`), the Redis circuit
 # breaker opens (falcon_circuit_breaker_transitions_total), one request_log row per
 # request, and after Redis is back the breaker half-opens (60 s) and closes.
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init redis_down
 require_ready_workers 1

@@ -24,7 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from falcon_svc import metrics
 from falcon_svc.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 ROLES_DIR = REPO_ROOT / "ansible" / "roles"
 E2E_SCRIPT = REPO_ROOT / "scripts" / "e2e.sh"
@@ -37,8 +37,8 @@ PATH_BASES = (REPO_ROOT, REPO_ROOT / "ansible")
 # A code token with a slash is a repository path when it starts with one of the
 # repository's top-level entries or ansible/'s, or ends in one of these extensions.
 SOURCE_SUFFIXES = {".sh", ".py", ".md", ".yml", ".yaml", ".j2", ".sql", ".json", ".csv", ".ini", ".cfg", ".toml"}
-# The deployment guide copies scripts/ to falcon-faults/ on the host.
-PATH_ALIASES = {"falcon-faults/": "scripts/"}
+# The deployment guide copies scripts/faults/ to falcon-faults/ on the host.
+PATH_ALIASES = {"falcon-faults/": "scripts/faults/"}
 # Paths the docs name that are not in the repository, each for a reason.
 NOT_IN_REPO = {
     "host_vars/falcon-01.yml": "the deployment guide has the reader create it (step 3)",
@@ -584,8 +584,8 @@ def test_right_names_pass_the_finders(top_names: set[str]) -> None:
     text = (
         "    systemctl status --no-pager falcon-worker@8001 'falcon-worker@*' falcon-svc.target nginx\n"
         "    journalctl -u 'postgresql@*' -n 5 | tail\n"
-        "    DURATION=10 bash scripts/bench_http.sh\n\n"
-        "`make e2e-up`, `scripts/{stop_worker,kill_worker}.sh`, `falcon-faults/redis_down.sh`, "
+        "    DURATION=10 bash scripts/bench/bench_http.sh\n\n"
+        "`make e2e-up`, `scripts/faults/{stop_worker,kill_worker}.sh`, `falcon-faults/redis_down.sh`, "
         "`roles/<role>/meta/argument_specs.yml`, `MAX_BODY_BYTES`, "
         "`falcon_http_request_duration_seconds_bucket`, `instance:falcon_http_requests:rate5m`, "
         "`falcon_svc.workers.MeinheldWorker`, `falcon_svc_workers`, `redis_up`.\n"

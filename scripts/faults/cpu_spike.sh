@@ -3,8 +3,8 @@
 # falcon-svc host as root. Expect: requests keep succeeding (slower), no worker is
 # killed by systemd's watchdog or restarted, node-exporter shows the CPUs busy, and
 # every request has its request_log row.
-# shellcheck source=faults/lib.sh
-source "$(dirname "$0")/faults/lib.sh"
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 fault_init cpu_spike
 require_ready_workers 1

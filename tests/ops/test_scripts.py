@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LOADGEN = REPO_ROOT / "scripts" / "faults" / "loadgen.py"
-SHELL_SCRIPTS = [*sorted(REPO_ROOT.glob("scripts/*.sh")), REPO_ROOT / "scripts/faults/lib.sh", REPO_ROOT / ".ci/run"]
+SHELL_SCRIPTS = [*sorted(REPO_ROOT.glob("scripts/**/*.sh")), REPO_ROOT / ".ci/run"]
 
 
 def shellcheck() -> str:

@@ -30,8 +30,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
-from falcon_svc.model.artifact import write_artifact
-from falcon_svc.model.data import (
+from falcon_svc.model.artifact import sha256_file, write_artifact
+from falcon_svc.model.features import LexiconFeatures, preprocess
+from falcon_svc.training.data import (
     LABELS,
     LEXICON_FILE,
     LEXICON_PACKAGE,
@@ -39,10 +40,8 @@ from falcon_svc.model.data import (
     load_sentences,
     load_vader_lexicon,
     locate_package_file,
-    sha256_file,
 )
-from falcon_svc.model.evaluation import evaluate, held_out_split, vader_predict
-from falcon_svc.model.features import LexiconFeatures, preprocess
+from falcon_svc.training.evaluation import evaluate, held_out_split, vader_predict
 
 KIND = "tfidf-lexicon-logreg"
 DEV_SET = Path(__file__).with_name("dev_sentences.csv")
@@ -63,7 +62,7 @@ class TrainingConfig:
     penalty, < 1 makes tweet vocabulary need more evidence to outvote the lexicon).
     The virtual-document weights and sentence_weight (each hand-written plain
     sentence) are per document, relative to an average tweet (weight 1 after class
-    balancing). Chosen on the dev set (falcon_svc/model/dev_sentences.csv) with
+    balancing). Chosen on the dev set (falcon_svc/training/dev_sentences.csv) with
     tweet macro-F1 as a floor: once VADER's own scores are features, dev accuracy
     is flat (0.79-0.80) over tfidf_weight 0.5-1.0, C 1.5-4 and virtual-document
     weights 0.2-0.8; what moved it was the hand-written sentences (0.78 without,

@@ -18,7 +18,7 @@ from tools import require_tool
 
 from falcon_svc import metrics
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO_ROOT / "prometheus"
 ALERTS_FILE = PROM_DIR / "rules" / "falcon_alerts.yml"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))

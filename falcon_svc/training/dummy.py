@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from falcon_svc.model.artifact import write_artifact
-from falcon_svc.model.training import TrainingConfig, fit_pipeline
+from falcon_svc.training.training import TrainingConfig, fit_pipeline
 
 KIND = "dummy"
 
@@ -68,7 +68,7 @@ def build_dummy_model(output_dir: str | os.PathLike) -> Path:
     metadata = {
         "kind": KIND,
         "description": "tiny stand-in trained on embedded sentences; NOT a real model",
-        "training_data": {"source": "falcon_svc.model.dummy.DUMMY_SENTENCES", "rows": len(texts)},
+        "training_data": {"source": "falcon_svc.training.dummy.DUMMY_SENTENCES", "rows": len(texts)},
         "metrics": {},
     }
     return write_artifact(pipeline, metadata, output_dir)

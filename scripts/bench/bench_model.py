@@ -1,6 +1,6 @@
 """Benchmark the compiled scorer against scikit-learn's predict_proba, side by side.
 
-Usage: python scripts/bench_model.py [--model-dir models/sentiment] [--texts 2000]
+Usage: python scripts/bench/bench_model.py [--model-dir models/sentiment] [--texts 2000]
 
 Every text is unique (no cache can help) and realistic (review- and tweet-like).
 Reports microseconds per text for single texts and batches of 50, the speed-up,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # NOTE: runnable from a checkout without installing
 
 from falcon_svc.model.artifact import read_artifact  # noqa: E402

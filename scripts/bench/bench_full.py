@@ -1,6 +1,6 @@
 """Benchmark the full request path (Redis cache + PostgreSQL request log) against the bare service.
 
-Usage: python scripts/bench_full.py [--duration 10] [--connections 8] [--worker-class meinheld]
+Usage: python scripts/bench/bench_full.py [--duration 10] [--connections 8] [--worker-class meinheld]
 
 Starts a throw-away redis-server and PostgreSQL on free loopback ports, then runs
 2 gunicorn workers in five configurations side by side, each under wrk:
@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # NOTE: reuse the test servers (loopback, free ports)
 
 from servers import PostgresServer, RedisServer, free_port  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tools import require_tool
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The prerequisites of the Makefile's .venv stamp: present, and older than the stamp.
 STAMP_INPUTS = ("requirements.txt", "requirements-dev.txt", "requirements-nodeps.txt", "setup.cfg", "pyproject.toml")
 STAND_IN = """#!/bin/sh

@@ -1,0 +1,85 @@
+"""Start-up policy: what stops the service before it serves, with which exit code.
+
+Distinct exit codes (sysexits.h) let systemd's RestartPreventExitStatus= stop a
+restart loop that no restart would fix. This module imports nothing heavy: the
+gunicorn config imports it before the metrics directory is set up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from falcon_svc.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from falcon_svc.model import Model
+
+logger = logging.getLogger("falcon_svc.app")
+
+EXIT_CONFIG = 78  # EX_CONFIG: a setting is invalid, or what it names is not installed
+EXIT_NO_MODEL = 66  # EX_NOINPUT: the model artifact is missing, corrupt or refused
+
+
+def check_worker_class_or_exit(settings: Settings) -> None:
+    """Exit ``EXIT_CONFIG`` with one line if the configured worker class cannot be imported.
+
+    meinheld is optional (built by scripts/meinheld/install.sh); without this check
+    gunicorn would print a traceback per start and systemd would retry forever.
+    """
+    if settings.worker_class != "meinheld":
+        return
+    try:
+        import meinheld  # noqa: F401
+    except ImportError as ex:
+        logger.critical(
+            "WORKER_CLASS=meinheld but meinheld is not installed (%s): install it with "
+            "scripts/meinheld/install.sh, or set WORKER_CLASS=sync",
+            ex,
+            extra={"exit_code": EXIT_CONFIG},
+        )
+        sys.exit(EXIT_CONFIG)
+
+
+def load_settings_or_exit() -> Settings:
+    """Return settings from the environment, or log one line and exit ``EXIT_CONFIG``."""
+    try:
+        return Settings.from_env()
+    except SettingsError as ex:
+        logger.critical("invalid configuration: %s", ex, extra={"exit_code": EXIT_CONFIG})
+        sys.exit(EXIT_CONFIG)
+
+
+def load_model_or_exit(settings: Settings) -> Model:
+    """Return the configured model, or log one line and exit ``EXIT_NO_MODEL``."""
+    # NOTE: imported here, in the worker: the gunicorn master imports this module
+    # too and has no use for scikit-learn.
+    from falcon_svc.model import ModelLoadError, load_model
+
+    try:
+        model = load_model(settings.model_dir, fast_path=settings.fast_path)
+    except ModelLoadError as ex:
+        logger.critical(
+            "cannot load the model from %s: %s (train it with: make model)",
+            settings.model_dir,
+            ex,
+            extra={"exit_code": EXIT_NO_MODEL},
+        )
+        sys.exit(EXIT_NO_MODEL)
+    if model.kind == "dummy":
+        if not settings.allow_dummy_model:
+            logger.critical(
+                "the model in %s is the dummy model and ALLOW_DUMMY_MODEL=false",
+                settings.model_dir,
+                extra={"exit_code": EXIT_NO_MODEL},
+            )
+            sys.exit(EXIT_NO_MODEL)
+        logger.warning(
+            "DEGRADED: serving the DUMMY model from %s; its predictions are not meaningful "
+            "(install the training data and run: make model)",
+            settings.model_dir,
+        )
+    if settings.fast_path and model.scorer != "compiled":
+        logger.warning("fast path failed verification; serving with scikit-learn predict_proba")
+    return model

@@ -1,0 +1,85 @@
+"""Log lines are one JSON object each, with extra= fields at the top level."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+
+import pytest
+
+from falcon_svc.logs import ACCESS_LOGGER, AccessLog, JSONFormatter
+
+
+def record(message: str, *args: object, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
+    entry = logging.LogRecord("falcon_svc.test", level, __file__, 1, message, args, None)
+    entry.__dict__.update(extra)
+    return entry
+
+
+def test_a_record_is_one_json_line_with_its_extra_fields():
+    entry = record("circuit %s: %s -> %s", "redis", "closed", "open", dependency="redis", to_state="open")
+    entry.created = 1764590400.25
+    line = JSONFormatter().format(entry)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed == {
+        "ts": "2025-12-01T12:00:00.250Z",
+        "level": "warning",
+        "logger": "falcon_svc.test",
+        "msg": "circuit redis: closed -> open",
+        "dependency": "redis",
+        "to_state": "open",
+    }
+
+
+def test_an_exception_is_kept_in_the_line():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        entry = record("failed", level=logging.ERROR)
+        entry.exc_info = sys.exc_info()
+    parsed = json.loads(JSONFormatter().format(entry))
+    assert parsed["level"] == "error"
+    assert "ValueError: boom" in parsed["exc"] and "Traceback" in parsed["exc"]
+
+
+def test_values_json_cannot_hold_are_written_as_text_and_unicode_stays_readable():
+    parsed = json.loads(JSONFormatter().format(record("é", path=object(), note="naïve")))
+    assert parsed["msg"] == "é" and parsed["note"] == "naïve"
+    assert parsed["path"].startswith("<object object")
+
+
+@pytest.fixture
+def access_logger_level():
+    logger = logging.getLogger(ACCESS_LOGGER)
+    before = logger.level
+    yield logger
+    logger.setLevel(before)
+
+
+def test_the_access_line_has_the_same_shape(access_logger_level):
+    access_logger_level.setLevel(logging.INFO)
+    stream = io.StringIO()
+    AccessLog(stream).write({"request_id": "r-1", "status": 200, "latency_ms": 1.5})
+    (line,) = stream.getvalue().splitlines()
+    parsed = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", parsed["ts"]), parsed["ts"]
+    assert parsed | {"ts": None} == {
+        "ts": None,
+        "level": "info",
+        "logger": ACCESS_LOGGER,
+        "msg": "request",
+        "request_id": "r-1",
+        "status": 200,
+        "latency_ms": 1.5,
+    }
+
+
+def test_the_access_line_follows_its_logger_level(access_logger_level):
+    access_logger_level.setLevel(logging.WARNING)
+    stream = io.StringIO()
+    AccessLog(stream).write({"request_id": "r-1"})
+    assert stream.getvalue() == ""
