@@ -15,11 +15,10 @@ import falcon
 
 from falcon_svc import errors, metrics
 from falcon_svc.dependencies import Dependencies, build_redis_dependencies, build_request_log
-from falcon_svc.idempotency import IdempotencyMiddleware
 from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
 from falcon_svc.logs import configure_logging
-from falcon_svc.middleware import RequestContext
+from falcon_svc.middleware import IdempotencyMiddleware, RequestContext
 from falcon_svc.model import Model
 from falcon_svc.resources.health import LivenessResource, Readiness, ReadinessResource
 from falcon_svc.resources.infer import BatchInferResource, InferResource

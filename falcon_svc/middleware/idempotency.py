@@ -1,0 +1,112 @@
+"""The idempotency middleware: applies ``IdempotencyStore`` to POST requests with ``X-Idempotency-Key``.
+
+What a replay, a conflict and a mismatch answer is described in ``falcon_svc.idempotency``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import falcon
+
+from falcon_svc.errors import APIError
+from falcon_svc.idempotency import (
+    HEADER,
+    REPLAYED_HEADER,
+    REPLAYED_RESPONSE_HEADERS,
+    STATUS_HEADER,
+    Claim,
+    IdempotencyStore,
+    Outcome,
+    fingerprint,
+    validate_key,
+)
+from falcon_svc.validation import read_body
+
+
+class IdempotencyMiddleware:
+    """Apply ``IdempotencyStore`` to POST requests that carry the header."""
+
+    def __init__(self, store: IdempotencyStore, max_body_bytes: int) -> None:
+        self._store = store
+        self._max_body = max_body_bytes
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+        key = req.get_header(HEADER)
+        if key is None or req.method != "POST" or resource is None:
+            return
+        key = validate_key(key)
+        # NOTE: the body is read here, once, and handed to the resource through
+        # req.context.raw_body; an oversized one is left for the resource's 413.
+        raw = read_body(req, self._max_body)
+        req.context.raw_body = raw
+        if len(raw) > self._max_body:
+            return
+        claim = self._store.begin(key, fingerprint(req.method, req.path, raw))
+        if claim.outcome is Outcome.FIRST:
+            req.context.idempotency_claim = claim
+        elif claim.outcome is Outcome.UNAVAILABLE:
+            resp.set_header(STATUS_HEADER, "unavailable")
+        elif claim.outcome is Outcome.MISMATCH:
+            raise APIError(
+                falcon.HTTP_422,
+                "idempotency_key_mismatch",
+                f"This {HEADER} was used with a different request; use a new key for a new request.",
+                field=HEADER,
+            )
+        elif claim.outcome is Outcome.CONFLICT:
+            raise APIError(
+                falcon.HTTP_409,
+                "idempotency_key_in_flight",
+                f"A request with this {HEADER} is still being processed; retry shortly.",
+                field=HEADER,
+                headers={"Retry-After": "1"},
+            )
+        else:
+            self._replay(req, resp, claim.stored or {})
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        claim: Claim | None = getattr(req.context, "idempotency_claim", None)
+        if claim is None:
+            return
+        try:
+            if req_succeeded and 200 <= resp.status_code < 300:
+                body = resp.render_body() or b""
+                headers = {
+                    "X-Request-ID": req.context.request_id,
+                    "Content-Type": resp.content_type or falcon.MEDIA_JSON,
+                }
+                for name in REPLAYED_RESPONSE_HEADERS:
+                    value = resp.get_header(name)
+                    if value is not None:
+                        headers[name] = value
+                self._store.complete(claim, resp.status_code, body, headers)
+                return
+        except Exception:
+            # A response that cannot be stored must not leave the key claimed.
+            self._store.release(claim)
+            raise
+        self._store.release(claim)
+
+    @staticmethod
+    def _replay(req: falcon.Request, resp: falcon.Response, stored: dict[str, Any]) -> None:
+        headers = stored["headers"]
+        resp.status = stored["status"]
+        if "body_base64" in stored:
+            resp.data = base64.b64decode(stored["body_base64"])
+        else:
+            resp.data = stored["body"].encode("utf-8")
+        # Records stored before 2026-12 have no Content-Type: they were all JSON.
+        resp.content_type = headers.get("Content-Type", falcon.MEDIA_JSON)
+        for name in REPLAYED_RESPONSE_HEADERS:
+            if name in headers:
+                resp.set_header(name, headers[name])
+        resp.set_header(REPLAYED_HEADER, "true")
+        # The replay answers with the original request id; this request keeps its
+        # own id in the logs.
+        req.context.response_request_id = headers.get("X-Request-ID")
+        req.context.idempotent_replay = True
+        resp.complete = True
