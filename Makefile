@@ -92,9 +92,10 @@ test: $(STAMP) $(DEPLOY_STAMP)  ## Install the test packages, then run lint and 
 test-unit: $(STAMP)  ## Unit tests only: seconds, no servers, no model training
 	$(VENV)/bin/pytest tests/unit
 
-lint: $(STAMP)  ## ruff (lint and format)
+lint: $(STAMP)  ## ruff (lint and format), mypy (types; setup.cfg [mypy])
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path
 	$(PY) scripts/bench/bench_model.py --model-dir $(MODEL_DIR)
@@ -133,4 +134,4 @@ mutation: $(STAMP)  ## Mutation testing of the core modules against the unit tes
 	$(VENV)/bin/mutmut results
 
 clean:  ## Remove the venv, the model and caches
-	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .hypothesis *.egg-info mutants
+	rm -rf $(VENV) .venv-deploy models .pytest_cache .ruff_cache .mypy_cache .hypothesis *.egg-info mutants

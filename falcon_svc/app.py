@@ -20,7 +20,8 @@ from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
 from falcon_svc.logs import configure_logging
 from falcon_svc.middleware import IdempotencyMiddleware, RequestContext
 from falcon_svc.model import Model
-from falcon_svc.resources.health import LivenessResource, Readiness, ReadinessResource
+from falcon_svc.readiness import Readiness
+from falcon_svc.resources.health import LivenessResource, ReadinessResource
 from falcon_svc.resources.infer import BatchInferResource, InferResource
 from falcon_svc.resources.metrics import MetricsResource
 from falcon_svc.resources.models import ModelsResource
@@ -46,7 +47,7 @@ def create_app(
     dependencies: Dependencies | None = None,
     lifecycle: Lifecycle | None = None,
     worker_id: str | None = None,
-) -> falcon.App:
+) -> falcon.App[falcon.Request, falcon.Response]:
     """Return the WSGI app serving ``model`` under ``settings``.
 
     Without ``dependencies`` the app runs on the model alone (no cache, no
@@ -58,7 +59,9 @@ def create_app(
     classifier = Classifier(model, deps.cache)
     readiness = Readiness(model, lifecycle, deps)
 
-    middleware: list[object] = [RequestContext(worker_id, settings.access_log, deps.request_log)]
+    middleware: list[RequestContext | IdempotencyMiddleware] = [
+        RequestContext(worker_id, settings.access_log, deps.request_log)
+    ]
     if deps.idempotency is not None:
         middleware.append(IdempotencyMiddleware(deps.idempotency, settings.max_body_bytes))
     app = falcon.App(middleware=middleware)
@@ -98,7 +101,7 @@ def create_app(
     return app
 
 
-def get_app() -> falcon.App:
+def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     """Build the app from the environment: the zero-argument factory gunicorn runs."""
     configure_logging(os.environ.get("LOG_LEVEL", "info"))
     settings = load_settings_or_exit()
@@ -111,8 +114,7 @@ def get_app() -> falcon.App:
     deps = Dependencies()
     build_redis_dependencies(settings, model.version, deps)
     if settings.request_log_enabled:
-        build_request_log(settings, deps)
-        deps.request_log.start()
+        build_request_log(settings, deps).start()
         # NOTE: gunicorn SIGKILLs a worker graceful_timeout after SIGTERM, and the
         # in-flight requests used part of that: the flush gets what is left (less
         # a margin), and spools whatever it cannot write in that time.

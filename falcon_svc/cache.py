@@ -20,18 +20,21 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis
 
 from falcon_svc import metrics
 from falcon_svc.model import Prediction
-from falcon_svc.resilience import CircuitBreaker
+from falcon_svc.resilience import Attempt, CircuitBreaker, guarded_call
 
 logger = logging.getLogger(__name__)
 
 _WRITE_QUEUE_MAX = 10_000
 _WRITE_BATCH_MAX = 200
 _WRITE_INTERVAL = 0.05
+# Anything else a Redis call raises is a bug, and propagates.
+_REDIS_ERRORS = (redis.RedisError,)
 
 
 def cache_key(prefix: str, model_version: str, digest: str) -> str:
@@ -106,6 +109,10 @@ class ResponseCache:
         self._pending: list[tuple[str, bytes]] = []
         self._pending_lock = threading.Lock()
         self._writer: threading.Thread | None = None
+        # NOTE: children bound once: .labels() takes a lock and a dict lookup per
+        # call, and a Redis hit is budgeted in microseconds.
+        self._mget_latency = metrics.DEPENDENCY_LATENCY.labels("redis", "mget")
+        self._set_latency = metrics.DEPENDENCY_LATENCY.labels("redis", "set")
 
     def worth_asking_redis(self, total_chars: int) -> bool:
         """Tell whether a request's texts are worth a Redis round trip.
@@ -123,7 +130,7 @@ class ResponseCache:
         found: list[Prediction | None] = [self._local.get(key) for key in keys]
         missing = [index for index, value in enumerate(found) if value is None]
         if missing and use_redis and self._client is not None:
-            raw = self._redis_mget([keys[index] for index in missing])
+            raw = self._redis_mget(self._client, [keys[index] for index in missing])
             for index, value in zip(missing, raw, strict=True):
                 if value is not None:
                     try:
@@ -154,35 +161,34 @@ class ResponseCache:
             self._pending.extend(encoded[:room])
         if len(encoded) > room:
             metrics.CACHE_ERRORS.labels("write_queue_full").inc(len(encoded) - max(room, 0))
-        self._ensure_writer()
+        self._ensure_writer(self._client)
 
-    def _redis_mget(self, keys: list[str]) -> list[bytes | None]:
-        if not self._breaker.allow():
-            metrics.CACHE_ERRORS.labels("circuit_open").inc()
-            return [None] * len(keys)
-        started = time.perf_counter()
-        try:
-            # NOTE: execute_command skips mget()'s argument juggling: ~10 us a call.
-            values = self._client.execute_command("MGET", *keys)
-        except redis.RedisError as ex:
-            self._breaker.record_failure()
-            metrics.CACHE_ERRORS.labels(type(ex).__name__).inc()
-            return [None] * len(keys)
-        finally:
-            metrics.DEPENDENCY_LATENCY.labels("redis", "mget").observe(time.perf_counter() - started)
-        self._breaker.record_success()
-        return values
+    def _redis_mget(self, client: redis.Redis, keys: list[str]) -> list[bytes | None]:
+        # NOTE: execute_command skips mget()'s argument juggling: ~10 us a call
+        # (and, unlike mget(), redis-py leaves it unannotated).
+        attempt = guarded_call(
+            self._breaker,
+            lambda: client.execute_command("MGET", *keys),  # type: ignore[no-untyped-call]
+            errors=_REDIS_ERRORS,
+            latency=self._mget_latency,
+        )
+        if attempt.ok:
+            return cast("list[bytes | None]", attempt.value)
+        _count_failed(attempt, operations=1)  # a failed read counts once, whatever the number of keys
+        return [None] * len(keys)
 
-    def _ensure_writer(self) -> None:
+    def _ensure_writer(self, client: redis.Redis) -> None:
         # NOTE: started lazily, in the worker, after gunicorn's fork.
         if self._writer is not None and self._writer.is_alive():
             return
         with self._pending_lock:
             if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(target=self._write_loop, name="cache-writer", daemon=True)
+                self._writer = threading.Thread(
+                    target=self._write_loop, args=(client,), name="cache-writer", daemon=True
+                )
                 self._writer.start()
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, client: redis.Redis) -> None:
         """Every ``_WRITE_INTERVAL`` seconds, pipeline the pending SETs to Redis.
 
         NOTE: the thread sleeps between rounds instead of waking per write: a
@@ -194,23 +200,22 @@ class ResponseCache:
             with self._pending_lock:
                 batch, self._pending = self._pending, []
             for start in range(0, len(batch), _WRITE_BATCH_MAX):
-                self._write_batch(batch[start : start + _WRITE_BATCH_MAX])
+                self._write_batch(client, batch[start : start + _WRITE_BATCH_MAX])
 
-    def _write_batch(self, batch: list[tuple[str, bytes]]) -> None:
-        if not self._breaker.allow():
-            # Dropping cache writes is safe: they are an optimisation.
-            metrics.CACHE_ERRORS.labels("circuit_open").inc(len(batch))
-            return
-        started = time.perf_counter()
-        try:
-            pipe = self._client.pipeline(transaction=False)
+    def _write_batch(self, client: redis.Redis, batch: list[tuple[str, bytes]]) -> None:
+        def send() -> None:
+            pipe = client.pipeline(transaction=False)
             for key, value in batch:
                 pipe.set(key, value, ex=self._ttl)
             pipe.execute()
-        except redis.RedisError as ex:
-            self._breaker.record_failure()
-            metrics.CACHE_ERRORS.labels(type(ex).__name__).inc(len(batch))
-            return
-        finally:
-            metrics.DEPENDENCY_LATENCY.labels("redis", "set").observe(time.perf_counter() - started)
-        self._breaker.record_success()
+
+        # Dropping cache writes (breaker open, Redis failing) is safe: they are an optimisation.
+        attempt = guarded_call(self._breaker, send, errors=_REDIS_ERRORS, latency=self._set_latency)
+        if not attempt.ok:
+            _count_failed(attempt, operations=len(batch))  # every write in the batch is lost
+
+
+def _count_failed(attempt: Attempt[object], *, operations: int) -> None:
+    """Count cache operations lost to a refused or failed Redis call: as ``circuit_open`` or by the error's class."""
+    reason = "circuit_open" if attempt.refused else type(attempt.error).__name__
+    metrics.CACHE_ERRORS.labels(reason).inc(operations)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from falcon_svc.logs import configure_logging
 
@@ -30,11 +31,7 @@ def check(args: argparse.Namespace) -> int:
 
     settings = load_settings_or_exit()
     model = load_model_or_exit(settings)
-    summary = {
-        "settings": describe(settings),
-        "model": {"name": model.name, "version": model.version, "kind": model.kind, "scorer": model.scorer},
-    }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({"settings": describe(settings), "model": model.summary()}, indent=2))
     return 0
 
 
@@ -47,7 +44,7 @@ def migrate(args: argparse.Namespace) -> int:
     """
     import psycopg
 
-    from falcon_svc.migrate import MigrationError, apply_migrations
+    from falcon_svc.requestlog.migrate import MigrationError, apply_migrations
     from falcon_svc.startup import load_settings_or_exit
 
     settings = load_settings_or_exit()
@@ -102,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(os.environ.get("LOG_LEVEL", "info"))
-    return args.handler(args)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ from redis.retry import Retry
 from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
-from falcon_svc.requestlog import RequestLog
-from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State
+from falcon_svc.requestlog import PostgresWriter, RequestLog, Spool
+from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State, guarded_call
 from falcon_svc.settings import Settings
-from falcon_svc.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +99,29 @@ class Dependencies:
             self.request_log.close(timeout)
 
 
+def _probe_at_start(
+    deps: Dependencies,
+    breaker: CircuitBreaker,
+    check: Callable[[], object],
+    *,
+    errors: tuple[type[BaseException], ...],
+) -> BaseException | None:
+    """Call a dependency once at start, through its breaker; if it fails, mark it degraded and return the error.
+
+    The caller logs the error: what "degraded" means differs per dependency.
+    """
+    attempt = guarded_call(breaker, check, errors=errors, ask_breaker=False)
+    if attempt.error is not None:
+        deps.degraded[breaker.name] = f"unreachable at start ({type(attempt.error).__name__})"
+    return attempt.error
+
+
+def _connect_once(dsn: str) -> None:
+    """Open and close one connection: does PostgreSQL answer at all?"""
+    with psycopg.connect(dsn, connect_timeout=2):
+        pass
+
+
 def build_redis_dependencies(settings: Settings, model_version: str, deps: Dependencies) -> None:
     """Attach the cache and the idempotency store to ``deps``, probing Redis once.
 
@@ -112,11 +134,8 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
     probe.watch(breaker)
     deps.breakers["redis"] = breaker
     deps.probes.append(probe)
-    try:
-        client.ping()
-    except redis.RedisError as ex:
-        breaker.record_failure()
-        deps.degraded["redis"] = f"unreachable at start ({type(ex).__name__})"
+    ex = _probe_at_start(deps, breaker, client.ping, errors=(redis.RedisError,))
+    if ex is not None:
         logger.warning(
             "DEGRADED: Redis unreachable at %s (%s); serving without the shared cache and without "
             "idempotency until it answers",
@@ -140,27 +159,23 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
     )
 
 
-def build_request_log(settings: Settings, deps: Dependencies) -> None:
-    """Attach the PostgreSQL request log (queue, writer thread, spool) to ``deps``.
+def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
+    """Attach the PostgreSQL request log (queue, writer thread, spool) to ``deps`` and return it.
 
     The writer is started by the caller, after gunicorn's fork.
     """
     breaker = make_breaker("postgres", settings)
     deps.breakers["postgres"] = breaker
-    try:
-        with psycopg.connect(settings.database_url, connect_timeout=2):
-            pass
-    except psycopg.Error as ex:
-        breaker.record_failure()
-        deps.degraded["postgres"] = f"unreachable at start ({type(ex).__name__})"
+    ex = _probe_at_start(deps, breaker, lambda: _connect_once(settings.database_url), errors=(psycopg.Error,))
+    if ex is not None:
         logger.warning(
             "DEGRADED: PostgreSQL unreachable (%s); request-log rows are queued, then spooled to %s, "
             "and written when it answers",
             str(ex).splitlines()[0],
             settings.log_spool_dir,
         )
-    deps.request_log = RequestLog(
-        settings.database_url,
+    request_log = RequestLog(
+        PostgresWriter(settings.database_url),
         Spool(settings.log_spool_dir, settings.log_spool_max_bytes),
         breaker,
         RetryPolicy(
@@ -173,3 +188,5 @@ def build_request_log(settings: Settings, deps: Dependencies) -> None:
         flush_interval=settings.log_flush_interval_ms / 1000.0,
         log_text=settings.log_request_text,
     )
+    deps.request_log = request_log
+    return request_log

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 class APIError(falcon.HTTPError):
     """An HTTP error carrying our stable ``code`` and the offending ``field``."""
 
+    # NOTE: falcon's HTTPError has an optional int ``code`` (a support reference); ours is
+    # the stable string token of the error shape, and to_dict() below is what writes it.
+    code: str  # type: ignore[assignment]  # a string where falcon's base class has int | None
+
     def __init__(
         self,
         status: str | int,

@@ -13,9 +13,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from falcon_svc.settings import Settings, SettingsError
 from falcon_svc.startup import check_worker_class_or_exit
+
+if TYPE_CHECKING:
+    # The hooks' annotations only: this module's names stay gunicorn settings and hooks.
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 # --- Prometheus multiprocess directory --------------------------------------
 # NOTE: must be in the environment before any process imports prometheus_client,
@@ -102,7 +108,7 @@ proc_name = f"falcon-svc[{_settings.bind}]"
 
 
 # --- Hooks -----------------------------------------------------------------
-def on_starting(server) -> None:
+def on_starting(server: Arbiter) -> None:
     """Check settings and the model in the master, before any worker forks.
 
     NOTE: falcon_svc.systemd sends READY=1 to systemd only once a worker has
@@ -126,31 +132,37 @@ def _reset_multiproc_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Worker) -> None:
     """Hook SIGTERM so /readyz turns 503 the moment the drain starts; give meinheld our body limit."""
     from falcon_svc.lifecycle import LIFECYCLE
 
     LIFECYCLE.install_sigterm_hook()
     if _settings.worker_class == "meinheld":
-        # NOTE: meinheld reads a whole body before the app runs, and refuses one over
-        # its own limit (16 MiB) itself; at MAX_BODY_BYTES both limits are the same.
-        worker.max_body_bytes = _settings.max_body_bytes
+        # Imported here: falcon_svc.workers imports meinheld, which other classes lack.
+        from falcon_svc.workers import MeinheldWorker
+
+        if isinstance(worker, MeinheldWorker):
+            # NOTE: meinheld reads a whole body before the app runs, and refuses one over
+            # its own limit (16 MiB) itself; at MAX_BODY_BYTES both limits are the same.
+            worker.max_body_bytes = _settings.max_body_bytes
 
 
-def child_exit(server, worker) -> None:
+def child_exit(server: Arbiter, worker: Worker) -> None:
     """Drop the dead worker's live gauges so its series do not linger."""
     from falcon_svc.metrics import mark_worker_dead
 
-    mark_worker_dead(worker.pid)
+    # int(): gunicorn's stubs type pid as the "[booting]" placeholder it holds before the
+    # fork; here, in the master, it is the dead child's int pid.
+    mark_worker_dead(int(worker.pid))
 
 
-def worker_exit(server, worker) -> None:
+def worker_exit(server: Arbiter, worker: Worker) -> None:
     """Flush the request log (or spool it) before the worker process ends."""
     from falcon_svc.lifecycle import LIFECYCLE
 
     LIFECYCLE.run_exit_hooks()
 
 
-def worker_abort(worker) -> None:
+def worker_abort(worker: Worker) -> None:
     """Log the timeout kill (SIGABRT) with the worker's pid, once."""
     worker.log.error("worker %s timed out and is being replaced", worker.pid)

@@ -12,8 +12,10 @@ that function, in the worker process only, for one that writes
 from __future__ import annotations
 
 import json
+import socket
 
 from gunicorn import util
+from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
 
@@ -50,19 +52,23 @@ def error_page(status: int, reason: str, message: str) -> bytes:
     return head + body
 
 
-def write_json_error(sock: object, status_int: int, reason: str, mesg: str) -> None:
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """Stand in for ``gunicorn.util.write_error``, with the same signature."""
     util.write_nonblock(sock, error_page(int(status_int), reason, mesg))
 
 
-class _JSONErrors:
-    """Mixin: install ``write_json_error`` when the worker process starts."""
+class _JSONErrors(Worker):
+    """Mixin: install ``write_json_error`` when the worker process starts.
+
+    It derives from gunicorn's base Worker only so that ``super().init_process()``
+    has a known target; listed first, it runs before the concrete worker's own.
+    """
 
     def init_process(self) -> None:
         # NOTE: this runs after the fork, in the worker; the master never writes
         # error pages, and its gunicorn.util stays untouched.
         util.write_error = write_json_error
-        super().init_process()  # type: ignore[misc]
+        super().init_process()
 
 
 class SyncWorker(_JSONErrors, _GunicornSyncWorker):

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -31,7 +31,7 @@ import redis
 
 from falcon_svc import metrics
 from falcon_svc.errors import APIError
-from falcon_svc.resilience import CircuitBreaker
+from falcon_svc.resilience import CircuitBreaker, guarded_call
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ STATUS_HEADER = "Idempotency-Status"
 # Response headers a replay must carry to be read as the original was.
 REPLAYED_RESPONSE_HEADERS = ("Inference-Header-Content-Length",)
 _VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# Anything else a Redis call raises is a bug, and propagates.
+_REDIS_ERRORS = (redis.RedisError,)
 
 # Claim the key if free (returns nil), else return what is stored: one round trip.
 _CLAIM = """
@@ -105,6 +107,25 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+def judge(existing: bytes | str, request_fingerprint: str, redis_key: str = "") -> Claim:
+    """Decide what a request meets under a key someone already claimed, from the record stored there.
+
+    A record this code cannot read (another writer, a format we no longer know)
+    is not a reason to refuse the request: it proceeds without idempotency.
+    """
+    try:
+        record = json.loads(existing)
+        stored_fingerprint, state = record["fp"], record["state"]
+    except (ValueError, KeyError, TypeError):
+        logger.warning("idempotency record under %s is unreadable; proceeding without idempotency", redis_key)
+        return Claim(Outcome.UNAVAILABLE)
+    if stored_fingerprint != request_fingerprint:
+        return Claim(Outcome.MISMATCH, redis_key)
+    if state == "pending":
+        return Claim(Outcome.CONFLICT, redis_key)
+    return Claim(Outcome.REPLAYED, redis_key, stored=record)
+
+
 class IdempotencyStore:
     """Claim, complete and replay idempotency keys in Redis, behind a breaker."""
 
@@ -126,41 +147,27 @@ class IdempotencyStore:
             self._claim = client.register_script(_CLAIM)
             self._complete = client.register_script(_COMPLETE)
             self._release = client.register_script(_RELEASE)
+        # NOTE: bound once: .labels() takes a lock and a dict lookup per call.
+        self._claim_latency = metrics.DEPENDENCY_LATENCY.labels("redis", "idempotency_claim")
 
     def begin(self, key: str, request_fingerprint: str) -> Claim:
         """Claim ``key`` or report what is already stored under it."""
-        if self._client is None or not self._breaker.allow():
+        if self._client is None:
             return self._unavailable()
         token = os.urandom(8).hex()
         pending = json.dumps({"state": "pending", "fp": request_fingerprint, "token": token})
         redis_key = f"{self._prefix}:{key}"
-        started = time.perf_counter()
-        try:
-            existing = self._claim(keys=[redis_key], args=[pending, self._lock])
-        except redis.RedisError:
-            self._breaker.record_failure()
+        attempt = guarded_call(
+            self._breaker,
+            lambda: self._claim(keys=[redis_key], args=[pending, self._lock]),
+            errors=_REDIS_ERRORS,
+            latency=self._claim_latency,
+        )
+        if not attempt.ok:
             return self._unavailable()
-        finally:
-            metrics.DEPENDENCY_LATENCY.labels("redis", "idempotency_claim").observe(time.perf_counter() - started)
-        self._breaker.record_success()
-        if existing is None:
+        if attempt.value is None:
             return self._counted(Claim(Outcome.FIRST, redis_key, request_fingerprint, token))
-        return self._counted(self._judge(redis_key, existing, request_fingerprint))
-
-    @staticmethod
-    def _judge(redis_key: str, existing: bytes, request_fingerprint: str) -> Claim:
-        """Decide what a request meets under an already-claimed key."""
-        try:
-            record = json.loads(existing)
-            fingerprint_, state = record["fp"], record["state"]
-        except (ValueError, KeyError, TypeError):
-            logger.warning("idempotency record under %s is unreadable; proceeding without idempotency", redis_key)
-            return Claim(Outcome.UNAVAILABLE)
-        if fingerprint_ != request_fingerprint:
-            return Claim(Outcome.MISMATCH, redis_key)
-        if state == "pending":
-            return Claim(Outcome.CONFLICT, redis_key)
-        return Claim(Outcome.REPLAYED, redis_key, stored=record)
+        return self._counted(judge(attempt.value, request_fingerprint, redis_key))
 
     def complete(self, claim: Claim, status: int, body: bytes, headers: dict[str, str]) -> None:
         """Store the response of a claimed request; a failure only costs the replay.
@@ -187,15 +194,11 @@ class IdempotencyStore:
         """Free a claim whose request failed, so the client may retry it."""
         self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
 
-    def _quietly(self, call) -> None:
-        # NOTE: no breaker.allow() here: a claim left pending would answer 409
-        # for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap.
-        try:
-            call()
-        except redis.RedisError:
-            self._breaker.record_failure()
-            return
-        self._breaker.record_success()
+    def _quietly(self, call: Callable[[], object]) -> None:
+        # NOTE: not refused by an open breaker: a claim left pending would answer
+        # 409 for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap. A
+        # failure is recorded on the breaker and otherwise dropped.
+        guarded_call(self._breaker, call, errors=_REDIS_ERRORS, ask_breaker=False)
 
     def _unavailable(self) -> Claim:
         return self._counted(Claim(Outcome.UNAVAILABLE))

@@ -47,29 +47,13 @@ class Result:
 class Inference:
     """What one request asked and got: the texts, their results, the model version.
 
-    Resources leave it on ``req.context.inference``; the request log reads it.
+    Resources leave it on ``req.context.inference``; the request middleware
+    (``falcon_svc.middleware.context``) builds the request-log row from it.
     """
 
     texts: Sequence[str]
     results: Sequence[Result]
     model_version: str
-
-    def fill(self, row: Any) -> None:
-        """Copy what the request log keeps into ``row`` (a ``requestlog.LogRow``)."""
-        results = self.results
-        row.model_version = self.model_version
-        row.n_texts = len(results)
-        row.cache_hit = all(result.cache_hit for result in results)
-        row.text_length = sum(len(text) for text in self.texts)
-        if len(results) == 1:
-            row.label = results[0].prediction.label
-            row.confidence = results[0].prediction.confidence
-            row.text_sha256 = results[0].digest
-            row.text = self.texts[0]
-        else:
-            # A batch is identified by the hash of its texts' hashes, in order.
-            row.text_sha256 = hashlib.sha256("\x1e".join(r.digest for r in results).encode()).hexdigest()
-            row.text = "\x1e".join(self.texts)
 
 
 class Classifier:
@@ -95,13 +79,10 @@ class Classifier:
             fresh = self._predict([texts[index] for index in missing])
             if cache is not None:
                 cache.put_many([digests[index] for index in missing], fresh, use_redis=use_redis)
-        predictions = list(cached)
-        for index, prediction in zip(missing, fresh, strict=True):
-            predictions[index] = prediction
-        missed = set(missing)
+        fresh_by_index = dict(zip(missing, fresh, strict=True))
         return [
-            Result(prediction, index not in missed, digest)
-            for index, (prediction, digest) in enumerate(zip(predictions, digests, strict=True))
+            Result(prediction, True, digest) if prediction is not None else Result(fresh_by_index[index], False, digest)
+            for index, (prediction, digest) in enumerate(zip(cached, digests, strict=True))
         ]
 
     def _predict(self, texts: list[str]) -> list[Prediction]:

@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Never, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Attempt is immutable, so an Attempt[bool] is an Attempt[object]: the one REFUSED
+# instance (an Attempt[Never]) then serves every guarded_call, whatever it returns.
+T_co = TypeVar("T_co", covariant=True)
 
 
 class State(StrEnum):
@@ -146,10 +149,10 @@ class LatencyObserver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt(Generic[T]):
+class Attempt(Generic[T_co]):
     """What became of one guarded call: its value, its error, or refused by an open breaker."""
 
-    value: T | None = None
+    value: T_co | None = None
     error: BaseException | None = None
     refused: bool = False
 
@@ -158,7 +161,7 @@ class Attempt(Generic[T]):
         return not self.refused and self.error is None
 
 
-REFUSED: Attempt[object] = Attempt(refused=True)
+REFUSED: Attempt[Never] = Attempt(refused=True)
 
 
 def guarded_call(
@@ -178,7 +181,7 @@ def guarded_call(
     records their outcome.
     """
     if ask_breaker and not breaker.allow():
-        return REFUSED  # type: ignore[return-value]  # value is None: valid for any T
+        return REFUSED
     started = time.perf_counter()
     try:
         value = fn()
@@ -260,7 +263,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Return the sleep before retry number ``attempt`` (0-based)."""
-        return rand() * min(self.max_delay, self.base_delay * (2**attempt))
+        return rand() * min(self.max_delay, self.base_delay * 2.0**attempt)
 
 
 def retry(

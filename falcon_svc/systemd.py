@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from gunicorn.app.base import BaseApplication
 from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.glogging import Logger
 from gunicorn.workers.base import Worker
 from sdnotify import SystemdNotifier
 
@@ -112,6 +115,9 @@ class Notifier:
 class NotifyingArbiter(Arbiter):
     """A gunicorn arbiter that tells systemd the truth about readiness and liveness."""
 
+    # Arbiter declares it optional; setup(), which __init__ runs, always sets it.
+    log: Logger
+
     def __init__(self, app: WSGIApplication, notifier: Notifier) -> None:
         self.notifier = notifier
         # Workers write their pid here after post_worker_init; the master polls it.
@@ -127,10 +133,12 @@ class NotifyingArbiter(Arbiter):
         super().__init__(app)
 
     # --- configuration ----------------------------------------------------------
-    def setup(self, app: WSGIApplication) -> None:
+    def setup(self, app: BaseApplication) -> None:
         """Load the config (again on SIGHUP) and chain our boot report to post_worker_init."""
         super().setup(app)
-        self.cfg.set("post_worker_init", _reporting_post_worker_init(self.cfg.post_worker_init, self))
+        hook = self.cfg.post_worker_init
+        if not isinstance(hook, _BootReportingHook):
+            self.cfg.set("post_worker_init", _BootReportingHook(hook, self))
 
     def _worker_booted(self, worker: Worker) -> None:
         """In the worker: report the boot to the master, and drop the notify socket."""
@@ -146,14 +154,15 @@ class NotifyingArbiter(Arbiter):
         self.notifier.send(f"STATUS=listening on {self.cfg.address}; waiting for a worker to boot")
         self._watchdog_ping(force=True)
 
-    def wait_for_signals(self, timeout: float = ARBITER_LOOP_SECONDS) -> list[int]:
-        """Wait as gunicorn does, but wake often enough for READY=1 and the watchdog."""
+    def wait_for_signals(self, timeout: float | None = ARBITER_LOOP_SECONDS) -> list[int]:
+        """Wait as gunicorn does (None: until a signal), but wake often enough for READY=1 and the watchdog."""
+        wait = math.inf if timeout is None else timeout
         if not self._ready:
-            timeout = min(timeout, BOOT_POLL_SECONDS)
+            wait = min(wait, BOOT_POLL_SECONDS)
         if self.notifier.watchdog_interval:
             # Half the ping interval: pings are at most 1.5 intervals (WatchdogSec/2) apart.
-            timeout = min(timeout, self.notifier.watchdog_interval / 2)
-        return super().wait_for_signals(timeout=timeout)
+            wait = min(wait, self.notifier.watchdog_interval / 2)
+        return super().wait_for_signals(timeout=None if math.isinf(wait) else wait)
 
     def manage_workers(self) -> None:
         """Keep the worker count, then report readiness and ping the watchdog.
@@ -209,19 +218,20 @@ class NotifyingArbiter(Arbiter):
         super().stop(graceful)
 
 
-def _reporting_post_worker_init(
-    original: Callable[[Worker], None], arbiter: NotifyingArbiter
-) -> Callable[[Worker], None]:
-    """Return a post_worker_init hook: the config's own, then the boot report."""
-    if getattr(original, "reports_boot", False):
-        return original
+class _BootReportingHook:
+    """A post_worker_init hook: the config's own, then the boot report to the master.
 
-    def post_worker_init(worker: Worker) -> None:
-        original(worker)
-        arbiter._worker_booted(worker)
+    A class rather than a closure so that setup() can tell its own hook (already
+    chained) from the config's, and never chain twice.
+    """
 
-    post_worker_init.reports_boot = True  # type: ignore[attr-defined]
-    return post_worker_init
+    def __init__(self, original: Callable[[Worker], None], arbiter: NotifyingArbiter) -> None:
+        self.original = original
+        self.arbiter = arbiter
+
+    def __call__(self, worker: Worker) -> None:
+        self.original(worker)
+        self.arbiter._worker_booted(worker)
 
 
 class ServiceApplication(WSGIApplication):

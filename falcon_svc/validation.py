@@ -7,9 +7,11 @@ so bad input never reaches the model and never becomes a 500.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import falcon
+from falcon.typing import ReadableIO
 
 from falcon_svc.errors import APIError, invalid_input
 from falcon_svc.text import normalize
@@ -65,6 +67,7 @@ def read_body(req: falcon.Request, max_bytes: int) -> bytes:
     length = req.content_length
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
+    stream: ReadableIO
     if length is not None:
         stream = req.bounded_stream
     elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
@@ -99,10 +102,19 @@ def _reject_constant(name: str) -> Any:
 def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        duplicate = _first_repeated(key for key, _ in pairs)
         raise _NotStrictJSONError(f"the key {duplicate!r} appears more than once in one object")
     return obj
+
+
+def _first_repeated(keys: Iterable[str]) -> str | None:
+    """Return the first key seen a second time (None if there is none)."""
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 # NOTE: Python's json accepts NaN and Infinity and keeps the last of duplicate

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from importlib import metadata
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 from gunicorn.config import Config
@@ -72,8 +72,12 @@ class MeinheldLogAdapter:
     def __init__(self, log: Logger) -> None:
         self._log = log
 
-    def error(self, exc_type: type[BaseException], exc_value: BaseException | None, tb: Any) -> None:
-        """Log an exception meinheld caught, with its traceback."""
+    def error(self, exc_type: type[BaseException], exc_value: BaseException, tb: TracebackType | None) -> None:
+        """Log an exception meinheld caught, with its traceback.
+
+        meinheld normalises the exception before the call (log.c), so the value is an
+        instance, never None.
+        """
         self._log.error("Error handling request", exc_info=(exc_type, exc_value, tb))
 
     def access(self, environ: dict[str, Any]) -> None:
@@ -92,7 +96,10 @@ class MeinheldLogAdapter:
         headers = [(key[5:].replace("_", "-"), value) for key, value in environ.items() if key.startswith("HTTP_")]
         response = _LoggedResponse(environ.get("STATUS_CODE", "-"), environ.get("SEND_BYTES"))
         request_time = timedelta(milliseconds=environ.get("REQUEST_TIME", 0))
-        self._log.access(response, headers, environ, request_time)
+        # NOTE: gunicorn's atoms() duck-types both: status, sent and headers of the response,
+        # and a list of header pairs in place of the request (glogging.py). Its stubs name
+        # gunicorn's own Response and Request, hence the ignore.
+        self._log.access(response, headers, environ, request_time)  # type: ignore[arg-type]
 
 
 class _LoggedResponse:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
 
 import falcon
+from prometheus_client import Counter, Histogram
 
 from falcon_svc import metrics
 from falcon_svc.inference import Inference
@@ -41,7 +43,8 @@ def request_id_for(header_value: str | None) -> str:
 
 def elapsed_ms(req: falcon.Request) -> float:
     """Return the milliseconds since the request started, rounded to microseconds."""
-    return round((time.perf_counter() - req.context.started) * 1000.0, 3)
+    started: float = req.context.started
+    return round((time.perf_counter() - started) * 1000.0, 3)
 
 
 class RequestContext:
@@ -53,7 +56,7 @@ class RequestContext:
         self._request_log = request_log
         # (route, method, status) -> labelled metric children: .labels() costs
         # microseconds per call, and the key space is bounded (routes, methods).
-        self._children: dict[tuple[str, str, int], tuple] = {}
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
@@ -98,9 +101,37 @@ class RequestContext:
     def _log_row(
         self, req: falcon.Request, *, request_id: str, route: str, method: str, status: int, seconds: float
     ) -> LogRow:
-        """Build the request_log row: who asked what, what the model said, how fast."""
+        """Build the request_log row: who asked what, what the model said, how fast.
+
+        What was asked and said comes from the ``Inference`` an inference resource
+        left on ``req.context``; a request refused before classifying has none,
+        and those columns stay NULL.
+        """
+        model_version: str | None = None
+        label: str | None = None
+        confidence: float | None = None
+        n_texts: int | None = None
+        cache_hit: bool | None = None
+        text_length: int | None = None
+        text_sha256: str | None = None
+        text: str | None = None
         inference: Inference | None = req.context.get("inference")
-        row = LogRow(
+        if inference is not None:
+            texts, results = inference.texts, inference.results
+            model_version = inference.model_version
+            n_texts = len(results)
+            cache_hit = all(result.cache_hit for result in results)
+            text_length = sum(map(len, texts))
+            if n_texts == 1:
+                label = results[0].prediction.label
+                confidence = results[0].prediction.confidence
+                text_sha256 = results[0].digest
+                text = texts[0]
+            else:
+                # A batch is identified by the hash of its texts' hashes, in order.
+                text_sha256 = hashlib.sha256("\x1e".join(result.digest for result in results).encode()).hexdigest()
+                text = "\x1e".join(texts)
+        return LogRow(
             # NOTE: the key is ours, not the client's X-Request-ID, which a retry
             # may repeat: each request gets its own row.
             log_id=new_request_id(),
@@ -110,16 +141,14 @@ class RequestContext:
             method=method,
             status=status,
             worker_id=self._worker_id,
-            model_version=None,
-            label=None,
-            confidence=None,
-            n_texts=None,
-            cache_hit=None,
+            model_version=model_version,
+            label=label,
+            confidence=confidence,
+            n_texts=n_texts,
+            cache_hit=cache_hit,
             idempotent_replay=bool(req.context.get("idempotent_replay")),
             latency_ms=round(seconds * 1000.0, 3),
-            text_length=None,
-            text_sha256=None,
+            text_length=text_length,
+            text_sha256=text_sha256,
+            text=text,
         )
-        if inference is not None:
-            inference.fill(row)
-        return row

@@ -25,6 +25,19 @@ from falcon_svc.idempotency import (
 from falcon_svc.validation import read_body
 
 
+def _refusal(outcome: Outcome) -> APIError:
+    """Return the error for a key taken by another request (422) or by one in flight (409).
+
+    A new error per request: an exception instance carries its traceback. The
+    codes are literals so tests/unit/test_openapi.py can check them against the spec.
+    """
+    if outcome is Outcome.MISMATCH:
+        message = f"This {HEADER} was used with a different request; use a new key for a new request."
+        return APIError(falcon.HTTP_422, "idempotency_key_mismatch", message, field=HEADER)
+    message = f"A request with this {HEADER} is still being processed; retry shortly."
+    return APIError(falcon.HTTP_409, "idempotency_key_in_flight", message, field=HEADER, headers={"Retry-After": "1"})
+
+
 class IdempotencyMiddleware:
     """Apply ``IdempotencyStore`` to POST requests that carry the header."""
 
@@ -32,7 +45,9 @@ class IdempotencyMiddleware:
         self._store = store
         self._max_body = max_body_bytes
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
+    ) -> None:
         key = req.get_header(HEADER)
         if key is None or req.method != "POST" or resource is None:
             return
@@ -48,23 +63,10 @@ class IdempotencyMiddleware:
             req.context.idempotency_claim = claim
         elif claim.outcome is Outcome.UNAVAILABLE:
             resp.set_header(STATUS_HEADER, "unavailable")
-        elif claim.outcome is Outcome.MISMATCH:
-            raise APIError(
-                falcon.HTTP_422,
-                "idempotency_key_mismatch",
-                f"This {HEADER} was used with a different request; use a new key for a new request.",
-                field=HEADER,
-            )
-        elif claim.outcome is Outcome.CONFLICT:
-            raise APIError(
-                falcon.HTTP_409,
-                "idempotency_key_in_flight",
-                f"A request with this {HEADER} is still being processed; retry shortly.",
-                field=HEADER,
-                headers={"Retry-After": "1"},
-            )
-        else:
+        elif claim.outcome is Outcome.REPLAYED:
             self._replay(req, resp, claim.stored or {})
+        else:
+            raise _refusal(claim.outcome)
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import joblib
 import sklearn
@@ -39,7 +41,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(pipeline: Pipeline, metadata: dict, output_dir: str | os.PathLike) -> Path:
+def write_artifact(pipeline: Pipeline, metadata: dict[str, Any], output_dir: str | os.PathLike[str]) -> Path:
     """Save ``pipeline`` and its metadata into ``output_dir``; return the directory.
 
     Fill in sha256, version, trained_at and library versions here, so no caller can
@@ -67,19 +69,19 @@ def write_artifact(pipeline: Pipeline, metadata: dict, output_dir: str | os.Path
     return output
 
 
-def _atomic_write(target: Path, write: object) -> None:
+def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``target`` (same directory)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
-        write(tmp)  # type: ignore[operator]
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def read_metadata(model_dir: str | os.PathLike) -> dict:
+def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the parsed metadata of an artifact; raise ModelLoadError if unusable."""
     path = Path(model_dir) / METADATA_FILE
     if not Path(model_dir).is_dir():
@@ -102,7 +104,7 @@ def read_metadata(model_dir: str | os.PathLike) -> dict:
     return metadata
 
 
-def read_artifact(model_dir: str | os.PathLike) -> tuple[Pipeline, dict]:
+def read_artifact(model_dir: str | os.PathLike[str]) -> tuple[Pipeline, dict[str, Any]]:
     """Load and verify an artifact; return (pipeline, metadata).
 
     The sha256 is checked before unpickling: joblib files run code on load, so an
@@ -130,7 +132,7 @@ def read_artifact(model_dir: str | os.PathLike) -> tuple[Pipeline, dict]:
     return pipeline, metadata
 
 
-def is_valid_artifact(model_dir: str | os.PathLike) -> bool:
+def is_valid_artifact(model_dir: str | os.PathLike[str]) -> bool:
     """Return True if ``model_dir`` holds an artifact that verifies (without unpickling)."""
     try:
         metadata = read_metadata(model_dir)

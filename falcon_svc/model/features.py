@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from falcon_svc.model.vader import VADER_THRESHOLD, vader_scores
+from falcon_svc.model.vader import VADER_THRESHOLD, Lexicon, vader_scores
 
 # The VADER block, then the same decisions gated to plain text (no handle, URL or
 # hashtag). Tweets and plain sentences disagree on how far a lexicon word decides
@@ -45,7 +45,6 @@ _RETWEET = re.compile(r"(?<!\w)RT(?!\w)")
 _ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'"}
 _ENTITY = re.compile("|".join(map(re.escape, _ENTITIES)))
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
-_EMPTY: Mapping[str, str] = {}
 
 
 def strip_noise(text: str) -> str:
@@ -70,13 +69,7 @@ def preprocess(text: str) -> str:
     return strip_noise(text).lower()
 
 
-def lexicon_features(
-    text: str,
-    valences: Mapping[str, float],
-    negations: Mapping[str, object] | frozenset[str],
-    boosters: Mapping[str, float],
-    emojis: Mapping[str, str] = _EMPTY,
-) -> tuple[float, ...]:
+def lexicon_features(text: str, lexicon: Lexicon) -> tuple[float, ...]:
     """Score ``text`` with VADER's rules; return the values named by LEXICON_FEATURE_NAMES.
 
     compound/positive/negative are VADER's scores; no_sentiment is 1.0 when no
@@ -88,7 +81,7 @@ def lexicon_features(
     copies are the VADER block again for text with none of the markers, and 0
     for tweets.
     """
-    compound, positive, negative, _, scored = vader_scores(text, valences, negations, boosters, emojis)
+    compound, positive, negative, _, scored = vader_scores(text, lexicon)
     rounded = round(compound, 4)
     vader = (
         compound,
@@ -108,7 +101,8 @@ def lexicon_features(
     return vader + markers + (1.0,) + vader
 
 
-class LexiconFeatures(TransformerMixin, BaseEstimator):
+# scikit-learn ships no type information, so its base classes are Any to mypy.
+class LexiconFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Compute :func:`lexicon_features` for each text; the lexicon is a parameter.
 
     The lexicon is stored inside the fitted pipeline so serving never needs the
@@ -138,9 +132,18 @@ class LexiconFeatures(TransformerMixin, BaseEstimator):
         self.n_features_out_ = len(LEXICON_FEATURE_NAMES)
         return self
 
+    @property
+    def fitted_lexicon(self) -> Lexicon:
+        """Return the frozen lookups that :meth:`fit` built.
+
+        NOTE: built on each call rather than stored by fit(): the fitted attributes
+        are what artifacts pickle, and old artifacts must load unchanged.
+        """
+        return Lexicon(self.valences_, self.negations_, self.boosters_, self.emojis_)
+
     def row(self, text: str) -> tuple[float, ...]:
         """Return the feature values of one text."""
-        return lexicon_features(text, self.valences_, self.negations_, self.boosters_, self.emojis_)
+        return lexicon_features(text, self.fitted_lexicon)
 
     def transform(self, texts: Iterable[str]) -> np.ndarray:
         """Return one row of lexicon features per text (float64)."""

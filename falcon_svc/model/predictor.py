@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sklearn.pipeline import Pipeline
 
@@ -38,14 +39,14 @@ class Prediction:
 class Model:
     """A verified model plus the scorer chosen for it ("compiled" or "sklearn")."""
 
-    def __init__(self, scorer: Scorer, scorer_name: str, metadata: dict) -> None:
+    def __init__(self, scorer: Scorer, scorer_name: str, metadata: dict[str, Any]) -> None:
         self._scorer = scorer
         self.name: str = str(metadata["name"])
         self.version: str = str(metadata["version"])
         self.kind: str = str(metadata["kind"])
         self.labels: tuple[str, ...] = tuple(str(label) for label in metadata["labels"])
         self.scorer: str = scorer_name
-        self.metadata: dict = {**metadata, "scorer": scorer_name}
+        self.metadata: dict[str, Any] = {**metadata, "scorer": scorer_name}
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Score already-normalised ``texts`` in one vectorised call."""
@@ -59,13 +60,21 @@ class Model:
             predictions.append(Prediction(labels[best], row[best], dict(zip(labels, row, strict=True))))
         return predictions
 
+    def summary(self) -> dict[str, str]:
+        """Return what identifies this model: its name, version, kind and scorer.
+
+        The one shape for readiness (``/readyz``'s ``model``), ``falcon-svc check``
+        and each ``/v1/models`` entry, which adds the labels and the metadata.
+        """
+        return {"name": self.name, "version": self.version, "kind": self.kind, "scorer": self.scorer}
+
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, version={self.version!r}, scorer={self.scorer!r})"
 
 
 def model_from_pipeline(
     pipeline: Pipeline,
-    metadata: dict,
+    metadata: dict[str, Any],
     *,
     fast_path: bool = True,
     compiler: Compiler = compile_pipeline,
@@ -93,7 +102,7 @@ def model_from_pipeline(
 
 
 def load_model(
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike[str],
     *,
     fast_path: bool = True,
     compiler: Compiler = compile_pipeline,

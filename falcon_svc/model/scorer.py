@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -49,10 +50,14 @@ PROBE_TEXTS = (
 )
 
 
+Floats = npt.NDArray[np.float64]
+Indices = npt.NDArray[np.intp]
+
+
 class Scorer(Protocol):
     """Anything that turns texts into class probabilities (rows in label order)."""
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray: ...
+    def predict_proba(self, texts: Sequence[str]) -> Floats: ...
 
 
 class UnsupportedPipelineError(Exception):
@@ -65,7 +70,7 @@ class SklearnScorer:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str]) -> Floats:
         """Return ``pipeline.predict_proba`` for ``texts``."""
         return np.asarray(self.pipeline.predict_proba(list(texts)), dtype=np.float64)
 
@@ -82,16 +87,16 @@ class CompiledScorer:
         *,
         analyzer: Callable[[str], list[str]],
         vocabulary: dict[str, int],
-        idf: np.ndarray | None,
+        idf: Floats | None,
         sublinear_tf: bool,
         binary: bool,
         normalize: bool,
         tfidf_weight: float,
         lexicon: LexiconFeatures,
         lexicon_weight: float,
-        tfidf_coef: np.ndarray,
-        lexicon_coef: np.ndarray,
-        intercept: np.ndarray,
+        tfidf_coef: Floats,
+        lexicon_coef: Floats,
+        intercept: Floats,
         binary_classes: bool,
     ) -> None:
         self.analyzer = analyzer
@@ -108,7 +113,7 @@ class CompiledScorer:
         self.intercept = intercept
         self.binary_classes = binary_classes
 
-    def _terms(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _terms(self, text: str) -> tuple[Indices, Floats]:
         """Return (column indices, tf-idf values) of ``text``, unweighted."""
         counts: dict[int, int] = {}
         vocabulary = self.vocabulary
@@ -134,19 +139,25 @@ class CompiledScorer:
     def _lexicon_row(self, text: str) -> tuple[float, ...]:
         return self.lexicon.row(text)
 
-    def decision(self, texts: Sequence[str]) -> np.ndarray:
+    def _decision_one(self, text: str) -> Floats:
+        """Return the raw scores of one text, shape (1, n_outputs).
+
+        Gathers the coefficient rows directly: building a sparse matrix for one text
+        would cost more than the arithmetic.
+        """
+        columns, values = self._terms(text)
+        lexicon = np.array(self._lexicon_row(text), dtype=np.float64)
+        scores = (values * self.tfidf_weight) @ self.tfidf_coef_t[columns]
+        scores = scores + (lexicon * self.lexicon_weight) @ self.lexicon_coef_t
+        return (scores + self.intercept)[np.newaxis, :]
+
+    def decision(self, texts: Sequence[str]) -> Floats:
         """Return the linear model's raw scores, shape (n_texts, n_outputs)."""
         if len(texts) == 1:
-            # One text: gather the coefficient rows directly; building a sparse
-            # matrix would cost more than the arithmetic.
-            columns, values = self._terms(texts[0])
-            lexicon = np.array(self._lexicon_row(texts[0]), dtype=np.float64)
-            scores = (values * self.tfidf_weight) @ self.tfidf_coef_t[columns]
-            scores = scores + (lexicon * self.lexicon_weight) @ self.lexicon_coef_t
-            return (scores + self.intercept)[np.newaxis, :]
+            return self._decision_one(texts[0])
         indptr = [0]
-        all_columns: list[np.ndarray] = []
-        all_values: list[np.ndarray] = []
+        all_columns: list[Indices] = []
+        all_values: list[Floats] = []
         lexicon_rows = []
         for text in texts:
             columns, values = self._terms(text)
@@ -163,11 +174,12 @@ class CompiledScorer:
             shape=(len(texts), self.tfidf_coef_t.shape[0]),
         )
         lexicon = np.array(lexicon_rows, dtype=np.float64).reshape(len(texts), -1)
-        scores = matrix @ self.tfidf_coef_t
+        # sparse @ dense is a dense float64 array; asarray (no copy) says so to the type checker.
+        scores = np.asarray(matrix @ self.tfidf_coef_t, dtype=np.float64)
         scores += (lexicon * self.lexicon_weight) @ self.lexicon_coef_t
         return scores + self.intercept
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str]) -> Floats:
         """Return class probabilities the way LogisticRegression.predict_proba does."""
         if not len(texts):
             return np.zeros((0, 2 if self.binary_classes else self.intercept.shape[0]))

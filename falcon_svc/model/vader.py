@@ -4,8 +4,8 @@ VADER (Hutto & Gilbert 2014) sums lexicon valences adjusted for negation, booste
 "but", ALL-CAPS, idioms and punctuation, then squashes the sum into a ``compound``
 score in [-1, 1]. This port does the same arithmetic, unrounded and in one pass over
 the words, so its compound equals VADER's (tests check it against the real package)
-while serving never imports vaderSentiment: the lexicon tables are handed in, and
-the fitted pipeline carries them (features.LexiconFeatures).
+while serving never imports vaderSentiment: the lexicon tables are handed in as a
+:class:`Lexicon`, and the fitted pipeline carries them (features.LexiconFeatures).
 
 Where a helper ports one of VADER's functions its docstring names it
 (scalar_inc_dec, sentiment_valence), so a reader can lay this file beside the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
+from typing import NamedTuple
 
 # Constants from VADER, so our valences mean what theirs do.
 NEGATION_SCALAR = -0.74
@@ -43,6 +44,19 @@ SPECIAL_CASES = {
 }
 _PUNCTUATION = string.punctuation
 _EMPTY: Mapping[str, str] = {}
+
+
+class Lexicon(NamedTuple):
+    """VADER's tables: word valences, negation words, boosters/dampeners, emoji descriptions.
+
+    Serving hands in plain dicts (membership tests are hot); training may hand in any
+    container of negations, which LexiconFeatures turns into a dict when it fits.
+    """
+
+    valences: Mapping[str, float]
+    negations: Collection[str]
+    boosters: Mapping[str, float]
+    emojis: Mapping[str, str] = _EMPTY
 
 
 def _squash(score: float) -> float:
@@ -75,7 +89,7 @@ def _token(raw: str) -> str:
     return raw if len(stripped) <= 2 else stripped
 
 
-def _is_negation(word: str, negations: Mapping[str, object] | frozenset[str]) -> bool:
+def _is_negation(word: str, negations: Container[str]) -> bool:
     return word in negations or "n't" in word
 
 
@@ -91,7 +105,7 @@ def _booster(word: str, lower: str, valence: float, cap_diff: bool, boosters: Ma
     return scalar
 
 
-def _negation(valence: float, lower: Sequence[str], back: int, i: int, negations) -> float:
+def _negation(valence: float, lower: Sequence[str], back: int, i: int, negations: Container[str]) -> float:
     """Apply VADER's negation rules for the word ``back + 1`` places before ``i``."""
     if back == 0:
         if _is_negation(lower[i - 1], negations):
@@ -139,9 +153,9 @@ def _idioms(valence: float, lower: Sequence[str], i: int, boosters: Mapping[str,
     return valence
 
 
-def _word_valence(i: int, words: Sequence[str], lower: Sequence[str], cap_diff: bool, lexicon) -> float:
+def _word_valence(i: int, words: Sequence[str], lower: Sequence[str], cap_diff: bool, lexicon: Lexicon) -> float:
     """Return the valence of word ``i`` in context (VADER's sentiment_valence)."""
-    valences, negations, boosters = lexicon
+    valences, negations, boosters, _ = lexicon
     word = lower[i]
     base = valences[word]
     valence = base
@@ -198,18 +212,13 @@ def _punctuation_emphasis(text: str) -> float:
     return exclamations + (questions * _QUESTION_BOOST if questions <= 3 else _MAX_QUESTION_AMPLIFIER)
 
 
-def vader_scores(
-    text: str,
-    valences: Mapping[str, float],
-    negations: Mapping[str, object] | frozenset[str],
-    boosters: Mapping[str, float],
-    emojis: Mapping[str, str] = _EMPTY,
-) -> tuple[float, float, float, float, bool]:
+def vader_scores(text: str, lexicon: Lexicon) -> tuple[float, float, float, float, bool]:
     """Return VADER's (compound, pos, neg, neu) for ``text`` and whether any word scored.
 
     The same arithmetic as vaderSentiment's polarity_scores, unrounded, in one
     pass over the words; tests check it against the real thing.
     """
+    valences, _, boosters, emojis = lexicon
     text = _describe_emojis(text, emojis).strip()
     words = [_token(raw) for raw in text.split()]
     lower = [word.lower() for word in words]
@@ -223,7 +232,6 @@ def vader_scores(
         return 0.0, 0.0, 0.0, 1.0 if words else 0.0, False
     caps = sum(1 for word in words if word.isupper())
     cap_diff = 0 < len(words) - caps < len(words)
-    lexicon = (valences, negations, boosters)
     sentiments = [0.0] * len(words)
     for i in hits:
         sentiments[i] = _word_valence(i, words, lower, cap_diff, lexicon)

@@ -1,57 +1,10 @@
-"""Liveness and readiness probes (``/healthz``, ``/readyz``)."""
+"""Liveness and readiness probes (``/healthz``, ``/readyz``); the policy is ``falcon_svc.readiness``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
-from falcon_svc import metrics
-from falcon_svc.dependencies import Dependencies
-from falcon_svc.lifecycle import Lifecycle
-from falcon_svc.model import Model
-
-
-class Readiness:
-    """Decide whether this worker should get traffic, and why not."""
-
-    def __init__(self, model: Model | None, lifecycle: Lifecycle, dependencies: Dependencies | None = None) -> None:
-        self._model = model
-        self._lifecycle = lifecycle
-        self._deps = dependencies or Dependencies()
-
-    def report(self) -> tuple[bool, dict[str, Any]]:
-        """Return (ready, JSON detail)."""
-        reasons = []
-        if self._model is None:
-            reasons.append("model_not_loaded")
-        if self._lifecycle.draining:
-            reasons.append("draining")
-            metrics.DRAINING.set(1)
-        detail: dict[str, Any] = {"status": "not_ready" if reasons else "ready", "reasons": reasons}
-        warnings = []
-        if self._model is not None:
-            detail["model"] = {
-                "name": self._model.name,
-                "version": self._model.version,
-                "kind": self._model.kind,
-                "scorer": self._model.scorer,
-            }
-            if self._model.kind == "dummy":
-                warnings.append("dummy model loaded: predictions are not meaningful (train the real model)")
-            if self._model.scorer != "compiled":
-                warnings.append("fast path off: serving with scikit-learn's predict_proba")
-        # NOTE: a dependency that is down degrades the service but does not make
-        # it unready: it still classifies, so it should still get traffic.
-        dependencies = self._deps.status()
-        degraded = sorted(name for name, state in dependencies.items() if not state["healthy"])
-        if self._deps.request_log is not None:
-            detail["request_log"] = self._deps.request_log.status()
-        detail["dependencies"] = dependencies
-        detail["degraded"] = degraded
-        warnings.extend(f"{name} unavailable: serving without it" for name in degraded)
-        detail["warnings"] = warnings
-        return not reasons, detail
+from falcon_svc.readiness import Readiness
 
 
 class LivenessResource:

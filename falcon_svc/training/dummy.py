@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from falcon_svc.model.artifact import write_artifact
+from falcon_svc.model.vader import Lexicon
 from falcon_svc.training.training import TrainingConfig, fit_pipeline
 
 KIND = "dummy"
@@ -33,6 +34,7 @@ DUMMY_VALENCES = {
 }
 DUMMY_NEGATIONS = ("not", "never", "no", "don't", "isn't", "wasn't")
 DUMMY_BOOSTERS = {"very": 0.293, "really": 0.293, "slightly": -0.293}
+DUMMY_LEXICON = Lexicon(DUMMY_VALENCES, DUMMY_NEGATIONS, DUMMY_BOOSTERS)
 
 DUMMY_SENTENCES = (
     ("positive", "I love this product, it is great."),
@@ -53,18 +55,12 @@ DUMMY_SENTENCES = (
 )
 
 
-def build_dummy_model(output_dir: str | os.PathLike) -> Path:
+def build_dummy_model(output_dir: str | os.PathLike[str]) -> Path:
     """Train the dummy model and write its artifact into ``output_dir``."""
     texts = [text for _, text in DUMMY_SENTENCES]
     labels = [label for label, _ in DUMMY_SENTENCES]
     config = replace(TrainingConfig(), min_df=1, tfidf_weight=1.0)
-    pipeline = fit_pipeline(
-        texts,
-        labels,
-        (DUMMY_VALENCES, DUMMY_NEGATIONS, DUMMY_BOOSTERS),
-        config,
-        virtual_documents=False,
-    )
+    pipeline = fit_pipeline(texts, labels, DUMMY_LEXICON, config, virtual_documents=False)
     metadata = {
         "kind": KIND,
         "description": "tiny stand-in trained on embedded sentences; NOT a real model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
@@ -11,7 +12,7 @@ from falcon_svc.model.vader import VADER_THRESHOLD
 from falcon_svc.training.data import LABELS
 
 
-def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
     """Return accuracy, macro-F1 and per-class F1 of ``predicted`` against ``truth``."""
     per_class = f1_score(truth, predicted, labels=list(LABELS), average=None, zero_division=0)
     return {
@@ -30,7 +31,10 @@ def held_out_split(
     The split training.train_model fits and reports on; tests/ops/test_model_quality.py
     rebuilds it to score a trained artifact itself rather than trust its metadata.
     """
-    return train_test_split(texts, labels, test_size=test_size, stratify=labels, random_state=seed)
+    train_texts, test_texts, train_labels, test_labels = train_test_split(
+        texts, labels, test_size=test_size, stratify=labels, random_state=seed
+    )
+    return list(train_texts), list(test_texts), list(train_labels), list(test_labels)
 
 
 def vader_predict(texts: Sequence[str]) -> list[str] | None:
@@ -56,7 +60,7 @@ def vader_predict(texts: Sequence[str]) -> list[str] | None:
     return labels
 
 
-def evaluate(predicted: Sequence[str], truth: Sequence[str], texts: Sequence[str]) -> dict:
+def evaluate(predicted: Sequence[str], truth: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
     """Return {"model": scores, "vader": scores or None} for one evaluation set."""
     vader = vader_predict(texts)
     return {
@@ -65,7 +69,7 @@ def evaluate(predicted: Sequence[str], truth: Sequence[str], texts: Sequence[str
     }
 
 
-def format_metrics_table(metrics: dict) -> str:
+def format_metrics_table(metrics: dict[str, Any]) -> str:
     """Render the metrics of each evaluation set as a plain-text table, model vs VADER."""
     header = f"{'set':<14}{'n':>6}  {'who':<6}{'acc':>7}{'macroF1':>9}{'F1 neg':>8}{'F1 neu':>8}{'F1 pos':>8}"
     lines = [header, "-" * len(header)]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
@@ -32,6 +33,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from falcon_svc.model.artifact import sha256_file, write_artifact
 from falcon_svc.model.features import LexiconFeatures, preprocess
+from falcon_svc.model.vader import Lexicon
 from falcon_svc.training.data import (
     LABELS,
     LEXICON_FILE,
@@ -83,13 +85,7 @@ class TrainingConfig:
     max_iter: int = 1000
 
 
-def build_pipeline(
-    valences: Mapping[str, float],
-    negations: Iterable[str],
-    boosters: Mapping[str, float],
-    config: TrainingConfig,
-    emojis: Mapping[str, str] | None = None,
-) -> Pipeline:
+def build_pipeline(lexicon: Lexicon, config: TrainingConfig) -> Pipeline:
     """Return the unfitted pipeline; its shape is what scorer.compile_pipeline expects."""
     vectorizer = TfidfVectorizer(
         preprocessor=preprocess,
@@ -100,22 +96,17 @@ def build_pipeline(
         sublinear_tf=True,
         dtype=np.float64,
     )
-    lexicon = LexiconFeatures(dict(valences), tuple(negations), dict(boosters), dict(emojis or {}))
+    valences, negations, boosters, emojis = lexicon
+    features = LexiconFeatures(dict(valences), tuple(negations), dict(boosters), dict(emojis))
     union = FeatureUnion(
-        [("tfidf", vectorizer), ("lexicon", lexicon)],
+        [("tfidf", vectorizer), ("lexicon", features)],
         transformer_weights={"tfidf": config.tfidf_weight, "lexicon": 1.0},
     )
     classifier = LogisticRegression(C=config.c, max_iter=config.max_iter)
     return Pipeline([("features", union), ("clf", classifier)])
 
 
-def lexicon_documents(
-    texts: Sequence[str],
-    valences: Mapping[str, float],
-    negations: Iterable[str],
-    boosters: Mapping[str, float],
-    min_df: int,
-) -> tuple[list[str], list[str]]:
+def lexicon_documents(texts: Sequence[str], lexicon: Lexicon, min_df: int) -> tuple[list[str], list[str]]:
     """Return one-word virtual documents that teach the model the lexicon's view.
 
     Each alphabetic lexicon word with |valence| >= 1 becomes a document labelled by
@@ -125,6 +116,7 @@ def lexicon_documents(
     topic words like "flight" towards neutral, while the tweets can still
     override either where their evidence is strong.
     """
+    valences, negations, boosters, _ = lexicon
     skip = set(negations) | set(boosters)
     sentiment = sorted(
         word for word, valence in valences.items() if word.isalpha() and abs(valence) >= 1.0 and word not in skip
@@ -138,7 +130,7 @@ def lexicon_documents(
 def fit_pipeline(
     texts: Sequence[str],
     labels: Sequence[str],
-    lexicon: Sequence,
+    lexicon: Lexicon,
     config: TrainingConfig,
     *,
     virtual_documents: bool = True,
@@ -146,29 +138,25 @@ def fit_pipeline(
 ) -> Pipeline:
     """Fit the pipeline on ``texts`` with balanced class weights and virtual documents.
 
-    ``lexicon`` is (valences, negations, boosters) with optionally the emoji
-    descriptions fourth (data.Lexicon). ``sentences`` are extra (texts, labels) of
-    plain sentences, each weighted config.sentence_weight.
+    ``sentences`` are extra (texts, labels) of plain sentences, each weighted
+    config.sentence_weight.
     """
-    valences, negations, boosters, *rest = lexicon
-    emojis = rest[0] if rest else None
-    negations = tuple(negations)
     weights = compute_sample_weight("balanced", list(labels))
-    texts, labels = list(texts), list(labels)
+    all_texts, all_labels = list(texts), list(labels)
     if virtual_documents:
-        extra_texts, extra_labels = lexicon_documents(texts, valences, negations, boosters, config.min_df)
+        extra_texts, extra_labels = lexicon_documents(all_texts, lexicon, config.min_df)
         extra_weights = [
             config.neutral_doc_weight if label == "neutral" else config.lexicon_doc_weight for label in extra_labels
         ]
-        texts += extra_texts
-        labels += extra_labels
+        all_texts += extra_texts
+        all_labels += extra_labels
         weights = np.concatenate([weights, extra_weights])
     if sentences is not None:
-        texts += list(sentences[0])
-        labels += list(sentences[1])
+        all_texts += sentences[0]
+        all_labels += sentences[1]
         weights = np.concatenate([weights, np.full(len(sentences[0]), config.sentence_weight)])
-    pipeline = build_pipeline(valences, negations, boosters, config, emojis)
-    pipeline.fit(texts, labels, clf__sample_weight=weights)
+    pipeline = build_pipeline(lexicon, config)
+    pipeline.fit(all_texts, all_labels, clf__sample_weight=weights)
     return pipeline
 
 
@@ -182,7 +170,7 @@ def stderr_progress() -> Progress:
     return report
 
 
-def _sentences_fingerprint(path: Path | None, sentences: tuple[list[str], list[str]] | None) -> dict | None:
+def _sentences_fingerprint(path: Path | None, sentences: tuple[list[str], list[str]] | None) -> dict[str, Any] | None:
     if path is None or sentences is None:
         return None
     return {
@@ -193,14 +181,14 @@ def _sentences_fingerprint(path: Path | None, sentences: tuple[list[str], list[s
     }
 
 
-def _evaluate_sentences(pipeline: Pipeline, path: Path) -> dict:
+def _evaluate_sentences(pipeline: Pipeline, path: Path) -> dict[str, Any]:
     texts, labels = load_sentences(path)
     result = evaluate(list(pipeline.predict(texts)), labels, texts)
     return {"source": path.name, **result}
 
 
 def train_model(
-    output_dir: str | os.PathLike,
+    output_dir: str | os.PathLike[str],
     *,
     config: TrainingConfig | None = None,
     corpus_path: Path | None = None,
@@ -234,7 +222,7 @@ def train_model(
     report(f"fitted: {len(pipeline[0].transformer_list[0][1].vocabulary_)} terms")
 
     report("evaluating on the tweet test split (model and VADER)")
-    metrics: dict = {"tweet_test": evaluate(list(pipeline.predict(test_texts)), test_labels, test_texts)}
+    metrics: dict[str, Any] = {"tweet_test": evaluate(list(pipeline.predict(test_texts)), test_labels, test_texts)}
     for name, path in (("clean_set", clean_set), ("dev_set", dev_set)):
         if path is not None and Path(path).is_file():
             report(f"evaluating on {name} {path}")
@@ -256,7 +244,7 @@ def train_model(
             "lexicon": {
                 "source": f"{LEXICON_PACKAGE}:{LEXICON_FILE}",
                 "sha256": sha256_file(lexicon_path),
-                "entries": len(lexicon[0]),
+                "entries": len(lexicon.valences),
             },
         },
         "config": asdict(config),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # NOTE: reuse the test servers (lo
 
 from servers import PostgresServer, RedisServer, free_port  # noqa: E402
 
-from falcon_svc.migrate import apply_migrations  # noqa: E402
+from falcon_svc.requestlog.migrate import apply_migrations  # noqa: E402
 
 LUA = REPO_ROOT / "scripts" / "bench" / "unique_texts.lua"
 

@@ -31,7 +31,7 @@ from servers import PostgresServer, RedisServer, free_port, stop_process, wait_f
 from test_gunicorn_serving import call, running_service, service_env
 from tools import require_tool
 
-from falcon_svc.migrate import apply_migrations
+from falcon_svc.requestlog.migrate import apply_migrations
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

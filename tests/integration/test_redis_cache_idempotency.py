@@ -11,20 +11,22 @@ from dataclasses import replace
 import falcon.testing
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from servers import RedisServer
 
 from falcon_svc.app import create_app
-from falcon_svc.cache import cache_key
-from falcon_svc.dependencies import Dependencies, build_redis_dependencies
+from falcon_svc.cache import ResponseCache, cache_key
+from falcon_svc.dependencies import Dependencies, build_redis_dependencies, make_redis_client
 from falcon_svc.idempotency import IdempotencyStore, Outcome
 from falcon_svc.inference import text_digest
-from falcon_svc.model import Model
+from falcon_svc.model import Model, Prediction
 from falcon_svc.resilience import CircuitBreaker, State
 from falcon_svc.settings import Settings
 from falcon_svc.text import normalize
 
 pytestmark = pytest.mark.integration
 JSON = {"Content-Type": "application/json"}
+PREDICTION = Prediction("positive", 0.9, {"negative": 0.05, "neutral": 0.05, "positive": 0.9})
 
 
 @pytest.fixture
@@ -65,6 +67,26 @@ def wait_for_keys(server: RedisServer, count: int, within: float = 10.0) -> None
     deadline = time.monotonic() + within
     while len(client.keys("falcon:cache:*")) < count:
         assert time.monotonic() < deadline, f"expected {count} cache keys, found {client.keys('falcon:cache:*')}"
+        time.sleep(0.02)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def cache_errors(reason: str) -> float:
+    return sample("falcon_cache_errors_total", reason=reason)
+
+
+def redis_calls_timed(operation: str) -> float:
+    return sample("falcon_dependency_call_duration_seconds_count", dependency="redis", operation=operation)
+
+
+def wait_until(condition, what: str, within: float = 10.0) -> None:
+    """The cache writes from a background thread: wait for its effect, not for a time."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.02)
 
 
@@ -113,6 +135,32 @@ class TestCache:
             "/infer/batch", body=json.dumps({"texts": ["already seen", "never seen", "already seen"]}), headers=JSON
         )
         assert [item["cache_hit"] for item in result.json["results"]] == [True, False, True]
+
+    def test_lost_operations_are_counted_by_reason_and_attempts_timed(self, redis_settings, redis_server):
+        breaker = CircuitBreaker("redis", failure_threshold=2, reset_timeout=60)
+        cache = ResponseCache(make_redis_client(redis_settings), breaker, model_version="v", ttl_seconds=60)
+        mgets, errors = redis_calls_timed("mget"), cache_errors("ConnectionError")
+        assert cache.get_many(["a", "b", "c"]) == [None] * 3
+        assert redis_calls_timed("mget") == mgets + 1, "every MGET sent is timed"
+        assert cache_errors("ConnectionError") == errors
+
+        redis_server.stop()
+        sets = redis_calls_timed("set")
+        assert cache.get_many(["d", "e", "f"]) == [None] * 3
+        assert cache_errors("ConnectionError") == errors + 1, "a failed read counts once, whatever its keys"
+        assert redis_calls_timed("mget") == mgets + 2, "a failed MGET is timed too"
+        cache.put_many(["d", "e"], [PREDICTION, PREDICTION])
+        wait_until(lambda: cache_errors("ConnectionError") == errors + 3, "a failed write counts each SET lost")
+        assert redis_calls_timed("set") == sets + 1, "a failed pipeline is timed once"
+        assert breaker.state is State.OPEN
+
+        refused = cache_errors("circuit_open")
+        assert cache.get_many(["g", "h"]) == [None, None]
+        assert cache_errors("circuit_open") == refused + 1, "a refused read counts once"
+        cache.put_many(["g", "h", "i"], [PREDICTION] * 3)
+        wait_until(lambda: cache_errors("circuit_open") == refused + 4, "a refused write counts each SET dropped")
+        assert redis_calls_timed("mget") == mgets + 2, "a refused call is not timed: it never left the worker"
+        assert redis_calls_timed("set") == sets + 1
 
     def test_short_texts_skip_redis_by_default(self, redis_settings, model, redis_server):
         client, _ = build(replace(redis_settings, cache_redis_min_chars=256), model)
@@ -284,6 +332,28 @@ class TestIdempotencyStore:
         for thread in threads:
             thread.join(10)
         assert sorted(o.value for o in outcomes) == sorted(["first"] + ["conflict"] * (claimants - 1)), outcomes
+
+    def test_an_open_breaker_refuses_claims_but_not_their_release_or_completion(self, redis_server):
+        # NOTE: a claim left pending would answer 409 for IDEMPOTENCY_LOCK_SECONDS.
+        breaker = CircuitBreaker("redis", failure_threshold=1, reset_timeout=60)
+        store = IdempotencyStore(redis.Redis.from_url(redis_server.url), breaker, ttl_seconds=60, lock_seconds=30)
+        raw = redis.Redis.from_url(redis_server.url)
+        claims_timed = redis_calls_timed("idempotency_claim")
+        released, completed = store.begin("order-9", "fp"), store.begin("order-10", "fp")
+        assert released.outcome is completed.outcome is Outcome.FIRST
+        assert redis_calls_timed("idempotency_claim") == claims_timed + 2
+
+        breaker.record_failure()
+        assert store.begin("order-11", "fp").outcome is Outcome.UNAVAILABLE, "an open breaker refuses new claims"
+        assert redis_calls_timed("idempotency_claim") == claims_timed + 2, "a refused claim never left the worker"
+        assert not raw.exists("falcon:idem:order-11")
+
+        store.release(released)
+        assert not raw.exists(released.key), "the release must go through an open breaker"
+        assert breaker.state is State.CLOSED, "and its success is recorded"
+        breaker.record_failure()
+        store.complete(completed, 200, b"{}", {})
+        assert json.loads(raw.get(completed.key))["state"] == "done", "the completion must go through an open breaker"
 
     def test_a_late_finisher_does_not_overwrite_the_next_claim(self, redis_server):
         store = self.store(redis_server)

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client import REGISTRY
 from servers import PostgresServer
 
-from falcon_svc.migrate import apply_migrations
-from falcon_svc.requestlog import LogRow, RequestLog
+from falcon_svc.requestlog import LogRow, PostgresWriter, RequestLog, Spool
+from falcon_svc.requestlog.migrate import apply_migrations
+from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB
 from falcon_svc.resilience import CircuitBreaker, RetryPolicy
-from falcon_svc.spool import REJECTED_GLOB, SPOOL_GLOB, Spool
 
 pytestmark = pytest.mark.integration
 
@@ -106,12 +106,10 @@ def make_log(dsn: str, spool: Spool, **overrides) -> RequestLog:
         "batch_size": 50,
         "flush_interval": 0.05,
         "replay_interval": 0.2,
-        "pool_timeout": 0.3,
-        "reconnect_timeout": 1.0,
     }
     params.update(overrides)
     return RequestLog(
-        dsn,
+        PostgresWriter(dsn, pool_timeout=0.3, reconnect_timeout=1.0),
         spool,
         CircuitBreaker("postgres", failure_threshold=2, reset_timeout=0.5),
         RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import PostgresServer, free_port
 from test_gunicorn_serving import REPO_ROOT, RawConnection, call, running_service, service_env, worker_pids
 
-from falcon_svc.migrate import apply_migrations
+from falcon_svc.requestlog.migrate import apply_migrations
 from falcon_svc.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -14,16 +14,17 @@ from falcon_svc.model.features import (
     preprocess,
     strip_noise,
 )
-from falcon_svc.model.vader import vader_scores
+from falcon_svc.model.vader import Lexicon, vader_scores
 from falcon_svc.training.data import DataUnavailableError, load_vader_lexicon
 
 VALENCES = {"good": 1.9, "bad": -2.5, "love": 3.2, ":)": 2.0}
 NEGATIONS = frozenset({"not", "don't", "never"})
 BOOSTERS = {"very": 0.293, "slightly": -0.293}
+LEXICON = Lexicon(VALENCES, NEGATIONS, BOOSTERS)
 
 
 def features(text: str) -> dict[str, float]:
-    values = lexicon_features(text, VALENCES, NEGATIONS, BOOSTERS)
+    values = lexicon_features(text, LEXICON)
     return dict(zip(LEXICON_FEATURE_NAMES, values, strict=True))
 
 
@@ -76,7 +77,7 @@ def test_tweet_markers_are_flagged_and_plain_text_is_not():
 def test_transformer_calls_the_same_function():
     texts = ["not bad", "", "very good :)", "@x bad"]
     transformer = LexiconFeatures(VALENCES, NEGATIONS, BOOSTERS).fit(texts)
-    expected = np.array([lexicon_features(t, VALENCES, NEGATIONS, BOOSTERS) for t in texts])
+    expected = np.array([lexicon_features(t, LEXICON) for t in texts])
     np.testing.assert_array_equal(transformer.transform(texts), expected)
     assert transformer.transform([]).shape == (0, len(LEXICON_FEATURE_NAMES))
 
@@ -134,8 +135,6 @@ def test_vader_port_matches_vader_sentiment():
     analyzer = analyzer_module.SentimentIntensityAnalyzer()
     for text in VADER_EXAMPLES:
         expected = analyzer.polarity_scores(text)
-        compound, pos, neg, neu, _ = vader_scores(
-            text, fitted.valences_, fitted.negations_, fitted.boosters_, fitted.emojis_
-        )
+        compound, pos, neg, neu, _ = vader_scores(text, fitted.fitted_lexicon)
         ours = {"neg": round(neg, 3), "neu": round(neu, 3), "pos": round(pos, 3), "compound": round(compound, 4)}
         assert ours == expected, f"{text!r}: ours {ours} != VADER {expected}"

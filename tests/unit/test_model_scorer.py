@@ -23,14 +23,13 @@ from falcon_svc.model.scorer import (
 )
 from falcon_svc.text import normalize
 from falcon_svc.training.dummy import (
-    DUMMY_BOOSTERS,
+    DUMMY_LEXICON,
     DUMMY_NEGATIONS,
     DUMMY_SENTENCES,
     DUMMY_VALENCES,
 )
 from falcon_svc.training.training import TrainingConfig, build_pipeline, fit_pipeline
 
-LEXICON = (DUMMY_VALENCES, DUMMY_NEGATIONS, DUMMY_BOOSTERS)
 TEXTS = [text for _, text in DUMMY_SENTENCES]
 LABELS = [label for label, _ in DUMMY_SENTENCES]
 
@@ -38,7 +37,7 @@ LABELS = [label for label, _ in DUMMY_SENTENCES]
 def small_pipeline(labels=LABELS, texts=TEXTS, **config) -> Pipeline:
     """Fit the production pipeline shape on the embedded sentences (milliseconds)."""
     cfg = replace(TrainingConfig(), min_df=1, **config)
-    return fit_pipeline(texts, labels, LEXICON, cfg, virtual_documents=False)
+    return fit_pipeline(texts, labels, DUMMY_LEXICON, cfg, virtual_documents=False)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,7 @@ def test_a_wrong_scorer_is_detected(pipeline):
 
 def pipeline_with(**vectorizer_params) -> Pipeline:
     """The production shape, with TfidfVectorizer settings production does not use (yet)."""
-    pipeline = build_pipeline(*LEXICON, replace(TrainingConfig(), min_df=1))
+    pipeline = build_pipeline(DUMMY_LEXICON, replace(TrainingConfig(), min_df=1))
     pipeline.set_params(**{f"features__tfidf__{name}": value for name, value in vectorizer_params.items()})
     return pipeline.fit(TEXTS, LABELS)
 

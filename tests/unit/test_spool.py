@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from falcon_svc.spool import REJECTED_GLOB, SPOOL_GLOB, Spool
+from falcon_svc.requestlog.spool import Spool
+from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,7 +111,7 @@ def test_rows_past_the_size_bound_are_dropped_counted_and_logged_once(
     spool = Spool(tmp_path / "spool", max_bytes=3 * line_bytes, refresh_interval=0, drop_log_interval=60, clock=clock)
     dropped_before, spooled_before = rows_total("dropped"), rows_total("spooled")
 
-    with caplog.at_level(logging.ERROR, logger="falcon_svc.spool"):
+    with caplog.at_level(logging.ERROR, logger="falcon_svc.requestlog"):
         stored = spool.append(records(0, 5))
         assert spool.append(records(5, 7)) == 0
         drop_lines_before_interval = sum("dropped" in r.getMessage() for r in caplog.records)
@@ -144,7 +145,7 @@ def test_a_truncated_last_line_is_skipped_and_logged(spool: Spool, caplog: pytes
     dropped_before = rows_total("dropped")
 
     writer = Collector()
-    with caplog.at_level(logging.WARNING, logger="falcon_svc.spool"):
+    with caplog.at_level(logging.WARNING, logger="falcon_svc.requestlog"):
         assert spool.replay(writer, batch_size=10) == 2
 
     assert writer.ids == ["a", "b"]
@@ -188,7 +189,7 @@ OTHER_WORKER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from falcon_svc.spool import Spool
+    from falcon_svc.requestlog.spool import Spool
 
     spool = Spool(Path(sys.argv[1]), max_bytes=10**6, refresh_interval=0)
     spool.append([{"request_id": f"other{i}"} for i in range(3)])

@@ -1,4 +1,4 @@
-"""Apply the versioned SQL migrations in ``falcon_svc/migrations/`` to PostgreSQL.
+"""Apply the versioned SQL migrations in ``falcon_svc/requestlog/migrations/`` to PostgreSQL.
 
 Each file ``NNNN_name.sql`` is one version, applied once, in version order, in its
 own transaction together with its row in ``schema_migrations``: a failed
@@ -44,7 +44,7 @@ def load_migrations() -> list[Migration]:
     Raises:
         MigrationError: two files share a version, or a ``.sql`` file is misnamed.
     """
-    directory = resources.files("falcon_svc").joinpath("migrations")
+    directory = resources.files("falcon_svc.requestlog.migrations")
     found: dict[str, Migration] = {}
     for entry in directory.iterdir():
         if not entry.name.endswith(".sql"):

@@ -1,14 +1,11 @@
 """Keep request-log rows on local disk while PostgreSQL cannot take them, and give them back later.
 
 The spool is a directory shared by every worker process of a host. Each process
-appends JSON lines to a file of its own, ``spool-<time_ns>-<pid>-<seq>.jsonl``,
-and holds an exclusive ``flock`` on it while it is active. A file nobody holds
-a lock on is finished: sealed by its owner, or left by a worker that died or was
-restarted. ``replay`` takes such files one at a time (locking them, so two
-processes never replay the same file at once), hands their rows to a writer in
-batches and deletes each file once all its rows are written. The writer must be
-idempotent (``ON CONFLICT DO NOTHING``): a replay interrupted half-way through a
-file is simply repeated.
+appends JSON lines to a file of its own, locked while it is active (the files
+themselves: ``spool_files``). ``replay`` takes the finished files one at a time,
+hands their rows to a writer in batches and deletes each file once all its rows
+are written. The writer must be idempotent (``ON CONFLICT DO NOTHING``): a replay
+interrupted half-way through a file is simply repeated.
 
 Durability: every append is one ``write(2)`` straight to the OS (no user-space
 buffer), so a crashed worker loses nothing; only the page cache stands between a
@@ -24,8 +21,6 @@ most once per ``drop_log_interval``. This is the only place a row is ever lost.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import threading
@@ -35,18 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from falcon_svc import metrics
+from falcon_svc.requestlog.spool_files import (
+    SPOOL_GLOB,
+    Record,
+    create_locked,
+    encode,
+    finish,
+    remove_abandoned_new_files,
+    replay_file,
+    write_rejected,
+)
 
 logger = logging.getLogger(__name__)
-
-SPOOL_GLOB = "spool-*.jsonl"
-# NOTE: rows PostgreSQL rejects for their content are set aside here for an
-# operator, never replayed (they would fail again), but still count towards the bound.
-REJECTED_GLOB = "rejected-*.jsonl"
-# NOTE: a new file is created under this prefix, locked, then renamed into place,
-# so no replayer can ever see (and delete) an active file before it is locked.
-_NEW_PREFIX = ".new-"
-
-Record = dict[str, Any]
 
 
 class Spool:
@@ -96,7 +91,7 @@ class Spool:
         lines: list[bytes] = []
         for record in records:
             try:
-                lines.append(json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n")
+                lines.append(encode(record))
             except (TypeError, ValueError) as ex:
                 logger.error("request-log row cannot be spooled (dropped): %s", ex)
                 self._count_dropped(1, "unencodable")
@@ -107,7 +102,7 @@ class Spool:
             stored, broken = self._write_lines(fitting) if fitting else (0, None)
             spool_bytes = self._scanned_bytes + self._appended_since_scan
         if broken is not None:
-            _finish(*broken)
+            finish(*broken)
         if stored:
             metrics.LOG_ROWS.labels("spooled").inc(stored)
         if stored < len(lines):
@@ -164,21 +159,9 @@ class Spool:
         return self._fd
 
     def _open_locked(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._pid = os.getpid()
         self._seq += 1
-        name = f"spool-{time.time_ns():020d}-{self._pid}-{self._seq:06d}.jsonl"
-        new_path = self.directory / f"{_NEW_PREFIX}{name}"
-        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(new_path, self.directory / name)
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                new_path.unlink()
-            raise
-        self._fd, self._path = fd, self.directory / name
+        self._fd, self._path = create_locked(self.directory, self._pid, self._seq)
 
     # --- sealing ----------------------------------------------------------------
 
@@ -188,7 +171,7 @@ class Spool:
             detached = self._detach_locked()
         if detached is not None:
             # NOTE: fsync outside the lock: request threads appending must not wait for the disk.
-            _finish(*detached)
+            finish(*detached)
 
     def close(self) -> None:
         """Seal the active file: called on shutdown so the next start (or another worker) replays it."""
@@ -257,68 +240,19 @@ class Spool:
             for path in sorted(self.directory.glob(SPOOL_GLOB)):
                 if should_stop():
                     break
-                replayed += self._replay_file(path, write, batch_size, should_stop)
-            self._remove_abandoned_new_files()
+                replayed += replay_file(
+                    path, write, batch_size=batch_size, should_stop=should_stop, drop=self._count_dropped
+                )
+            remove_abandoned_new_files(self.directory)
         finally:
             self.size_bytes(refresh=True)
         return replayed
-
-    def _replay_file(
-        self,
-        path: Path,
-        write: Callable[[list[Record]], None],
-        batch_size: int,
-        should_stop: Callable[[], bool],
-    ) -> int:
-        fd = _lock_existing(path)
-        if fd is None:
-            return 0
-        replayed = 0
-        bad_lines = 0
-        with os.fdopen(fd, "rb") as handle:  # NOTE: closing releases the lock, after the unlink
-            batch: list[Record] = []
-            for number, line in enumerate(handle, start=1):
-                record = _decode(path, number, line)
-                if record is None:
-                    bad_lines += 1
-                    continue
-                batch.append(record)
-                if len(batch) >= batch_size:
-                    write(batch)
-                    replayed += len(batch)
-                    batch = []
-                    if should_stop():
-                        return replayed
-            if batch:
-                write(batch)
-                replayed += len(batch)
-            path.unlink(missing_ok=True)
-        if bad_lines:
-            self._count_dropped(bad_lines, f"unreadable lines in {path.name}")
-        logger.info("replayed %d request-log rows from %s", replayed, path.name)
-        return replayed
-
-    def _remove_abandoned_new_files(self) -> None:
-        """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
-        for path in self.directory.glob(f"{_NEW_PREFIX}{SPOOL_GLOB}"):
-            fd = _lock_existing(path)
-            if fd is not None:
-                path.unlink(missing_ok=True)
-                os.close(fd)
 
     def reject(self, records: Sequence[Mapping[str, Any]], reason: str) -> None:
         """Set aside rows PostgreSQL refused for their content: kept on disk for an operator, counted as dropped."""
         if not records:
             return
-        path = self.directory / f"rejected-{time.time_ns():020d}-{os.getpid()}.jsonl"
-        data = b"".join(json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n" for record in records)
-        try:
-            with path.open("ab") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as ex:
-            logger.error("cannot write rejected request-log rows to %s: %s", path, ex)
+        path = write_rejected(self.directory, records)
         self._count_dropped(len(records), f"rejected by PostgreSQL, kept in {path.name}: {reason}")
 
     # --- drops ------------------------------------------------------------------
@@ -339,49 +273,3 @@ class Spool:
             self.max_bytes,
             extra={"dropped_rows": count, "reason": reason},
         )
-
-
-def _finish(fd: int, path: Path | None) -> None:
-    """Sync and close a detached spool file (deleting it if empty); closing releases its lock."""
-    try:
-        if os.fstat(fd).st_size == 0 and path is not None:
-            path.unlink(missing_ok=True)
-        else:
-            os.fsync(fd)
-    except OSError as ex:
-        logger.error("request-log spool file %s could not be synced: %s", path, ex)
-    finally:
-        os.close(fd)
-
-
-def _lock_existing(path: Path) -> int | None:
-    """Open and exclusively lock ``path`` without waiting; None if it is held or gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # NOTE: another replayer may have deleted the file between our open and
-        # our lock; then we hold a lock on an orphan inode and must not replay it.
-        if os.stat(path).st_ino != os.fstat(fd).st_ino:
-            raise FileNotFoundError(path)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _decode(path: Path, number: int, line: bytes) -> Record | None:
-    if not line.endswith(b"\n"):
-        logger.warning("skipping truncated last line %d of %s (a crash mid-write)", number, path.name)
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError:
-        logger.error("skipping unreadable line %d of %s", number, path.name)
-        return None
-    if not isinstance(record, dict):
-        logger.error("skipping line %d of %s: not a JSON object", number, path.name)
-        return None
-    return record

@@ -1,0 +1,169 @@
+"""Write request-log rows to PostgreSQL: the connection pool, the SQL, and which errors are worth retrying.
+
+A write is one transaction: COPY into a temporary staging table, then
+``INSERT ... SELECT ... ON CONFLICT (log_id) DO NOTHING``, so a row written twice
+(a retried batch, a replayed spool file) is stored once. A write is one attempt:
+whether to retry, spool or stop trying is the queue's business (``RequestLog``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from falcon_svc import metrics
+from falcon_svc.requestlog.rows import COLUMNS
+
+logger = logging.getLogger(__name__)
+
+DEPENDENCY = "postgres"
+
+_COLUMN_LIST = ", ".join(COLUMNS)
+# NOTE: one temporary table per connection, created when the pool opens it;
+# ON COMMIT DELETE ROWS empties it after every batch without catalog churn.
+_STAGING_DDL = """
+CREATE TEMPORARY TABLE request_log_staging (
+    log_id text, request_id text, received_at double precision, route text, method text, status smallint,
+    worker_id text, model_version text, label text, confidence double precision, n_texts integer,
+    cache_hit boolean, idempotent_replay boolean, latency_ms double precision, text_length integer,
+    text_sha256 text, text text
+) ON COMMIT DELETE ROWS
+"""
+_COPY = f"COPY request_log_staging ({_COLUMN_LIST}) FROM STDIN"
+_MOVE = (
+    f"INSERT INTO request_log ({_COLUMN_LIST}) "
+    f"SELECT {_COLUMN_LIST.replace('received_at', 'to_timestamp(received_at)')} FROM request_log_staging "
+    "ON CONFLICT (log_id) DO NOTHING"
+)
+
+# NOTE: psycopg maps connection failures, admin shutdown (57P01), query
+# cancellation / statement timeout (57014), serialization failures and
+# psycopg_pool.PoolTimeout all to OperationalError subclasses.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    TimeoutError,
+    ConnectionError,
+)
+# NOTE: errors caused by a row's content (bad value, NOT NULL); anything else
+# (missing table, no privilege) is about the database and must keep the rows.
+POISON_ERRORS: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.IntegrityError)
+
+
+def is_transient(ex: BaseException) -> bool:
+    """Tell whether retrying might help: lost or refused connections, timeouts, shutdowns, pool timeouts."""
+    return isinstance(ex, TRANSIENT_ERRORS)
+
+
+@dataclass
+class PostgresWriter:
+    """Write batches of request-log records to PostgreSQL through a small pool of its own.
+
+    Timeouts are in seconds: ``connect_timeout`` for one connection attempt,
+    ``pool_timeout`` for a free connection, ``reconnect_timeout`` before the pool
+    starts a new reconnection attempt, ``statement_timeout`` for one statement.
+    """
+
+    transient_errors = TRANSIENT_ERRORS
+    poison_errors = POISON_ERRORS
+
+    dsn: str = field(repr=False)  # NOTE: may hold a password
+    _: KW_ONLY
+    connect_timeout: int = 2
+    pool_timeout: float = 2.0
+    reconnect_timeout: float = 10.0
+    statement_timeout: float = 30.0
+    _pool: ConnectionPool | None = field(default=None, init=False, repr=False)
+
+    def open(self) -> None:
+        """Open the connection pool without waiting for PostgreSQL (it connects in the background)."""
+        if self._pool is not None:
+            return
+        self._pool = ConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=2,  # NOTE: one for the writer, one for the replayer
+            open=False,
+            name="request-log",
+            timeout=self.pool_timeout,
+            # NOTE: the pool gives up a reconnection attempt after this long, and the
+            # next getconn starts a new one: it never stops trying, and a connection
+            # is back within about reconnect_timeout of PostgreSQL returning.
+            reconnect_timeout=self.reconnect_timeout,
+            reconnect_failed=lambda _pool: logger.warning("request-log: PostgreSQL still unreachable, retrying"),
+            check=ConnectionPool.check_connection,
+            configure=_configure,
+            num_workers=1,
+            kwargs={
+                "connect_timeout": self.connect_timeout,
+                "application_name": "falcon-svc request log",
+                "options": f"-c statement_timeout={int(self.statement_timeout * 1000)}",
+            },
+        )
+        self._pool.open(wait=False)
+
+    def write(self, records: Sequence[Mapping[str, Any]], *, operation: str, wait: float | None = None) -> None:
+        """Write ``records`` in one transaction; each attempt is timed as a ``postgres`` ``operation`` call.
+
+        ``wait`` shortens the wait for a free connection below the pool's timeout
+        (as the shutdown deadline nears).
+        """
+        pool = self._opened_pool()
+        values = [_copy_values(record) for record in records]
+        timeout = self.pool_timeout if wait is None else min(self.pool_timeout, wait)
+        started = time.perf_counter()
+        try:
+            with pool.connection(timeout=timeout) as conn, conn.cursor() as cur:
+                with cur.copy(_COPY) as copy:
+                    for value in values:
+                        copy.write_row(value)
+                cur.execute(_MOVE)
+        finally:
+            metrics.DEPENDENCY_LATENCY.labels(DEPENDENCY, operation).observe(time.perf_counter() - started)
+
+    def probe(self) -> None:
+        """Run ``SELECT 1``; raise if PostgreSQL does not answer."""
+        with self._opened_pool().connection(timeout=self.pool_timeout) as conn:
+            conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        """Close the pool, waiting at most a second for connections in use."""
+        if self._pool is not None:
+            self._pool.close(timeout=1.0)
+
+    def _opened_pool(self) -> ConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("PostgresWriter.open() was not called")
+        return self._pool
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    """Prepare a new pooled connection: create its staging table."""
+    conn.execute(_STAGING_DDL)
+    conn.commit()
+
+
+def _copy_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return one COPY row, with strings PostgreSQL would reject made safe.
+
+    NOTE: a single bad row must not make its whole batch fail forever (and then
+    its spool file unreplayable): NUL characters and lone surrogates (both
+    possible from JSON input) are replaced.
+    """
+    return tuple(_clean(record.get(name)) for name in COLUMNS)
+
+
+def _clean(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value

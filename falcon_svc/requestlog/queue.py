@@ -1,0 +1,299 @@
+"""Log every answered request to PostgreSQL without ever slowing or failing a request.
+
+The request path only puts a ``LogRow`` into a bounded in-memory queue
+(``submit``: microseconds, never blocks, never raises); when the queue is full
+the row goes to the on-disk spool instead. A writer thread takes batches off the
+queue and hands each to the ``Writer`` (``PostgresWriter``: one transaction, and a
+row written twice is stored once).
+
+Failures: transient errors are retried with exponential backoff and full jitter;
+a batch that still fails is recorded on the circuit breaker and spooled. While
+the breaker is open batches go straight to the spool. A replayer thread
+(``replay.Replayer``) gives spooled rows back once PostgreSQL is healthy.
+
+Never lose a row: a row leaves memory only once it is committed to PostgreSQL or
+written to the spool; the spool drops (and counts) a row only when it is full.
+
+Threads are started by ``start()``, after gunicorn's fork, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from falcon_svc import metrics
+from falcon_svc.requestlog.replay import Replayer
+from falcon_svc.requestlog.rows import LogRow, row_record
+from falcon_svc.requestlog.spool import Spool
+from falcon_svc.requestlog.writer import Writer
+from falcon_svc.resilience import REFUSED, CircuitBreaker, RetryPolicy, State, guarded_call, retry
+
+logger = logging.getLogger(__name__)
+
+# submit() reports the queue depth when it reaches a multiple of this.
+QUEUE_DEPTH_REPORT_EVERY = 16
+# NOTE: the least time a write near the close deadline gets to find a connection:
+# a zero or negative wait would fail it without even trying.
+_LAST_CONNECTION_WAIT = 0.05
+
+
+class _Batch:
+    """Rows taken off the queue; whoever claims it first (writer or ``close``) decides its fate."""
+
+    __slots__ = ("_claimed", "_lock", "done", "rows")
+
+    def __init__(self, rows: list[LogRow]) -> None:
+        self.rows = rows
+        self.done = threading.Event()
+        self._claimed = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """Return True exactly once: to the first caller, who then owns the rows."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
+
+
+class _Duration:
+    """Keep the duration ``guarded_call`` measured, to report it only for a batch that was written."""
+
+    seconds = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.seconds = amount
+
+
+class RequestLog:
+    """Queue request-log rows in memory and write them to PostgreSQL in batches from a thread."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        spool: Spool,
+        breaker: CircuitBreaker,
+        retry_policy: RetryPolicy,
+        *,
+        buffer_max: int = 1000,
+        batch_size: int = 200,
+        flush_interval: float = 0.2,
+        log_text: bool = False,
+        replay_interval: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._writer = writer
+        self._spool = spool
+        self._breaker = breaker
+        self._retry_policy = retry_policy
+        self._buffer_max = buffer_max
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._log_text = log_text
+        self._sleep = sleep
+        self._clock = clock
+        # NOTE: a deque under one condition rather than queue.Queue, so that taking
+        # rows and marking them in flight is atomic with respect to close(): every
+        # row is always either queued or in a batch close() can see.
+        self._rows: deque[LogRow] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._stopping = threading.Event()
+        self._deadline: float | None = None
+        self._inflight: _Batch | None = None
+        self._last_ok: bool | None = None
+        self._threads: list[threading.Thread] = []
+        self._replayer = Replayer(
+            spool,
+            breaker,
+            writer,
+            self._write,
+            batch_size=batch_size,
+            interval=replay_interval,
+            stopping=self._stopping,
+            report=self._report,
+        )
+
+    # --- the request path -----------------------------------------------------
+
+    def submit(self, row: LogRow) -> None:
+        """Hand ``row`` over for logging: never blocks on PostgreSQL, never raises.
+
+        NOTE: when the queue is full (PostgreSQL slow or down) the row is written
+        to the spool from this thread: one ``write(2)``, still microseconds.
+        """
+        try:
+            if row.text is not None and not self._log_text:
+                row.text = None
+            with self._cond:
+                if not self._closed and len(self._rows) < self._buffer_max:
+                    self._rows.append(row)
+                    queued = len(self._rows)
+                    # NOTE: wake the writer only when it can act: first row, or a full batch.
+                    if queued in (1, self._batch_size):
+                        self._cond.notify()
+                    # A writer stuck in a slow PostgreSQL does not report the backlog
+                    # growing behind it; report it here, every few rows to stay cheap.
+                    if queued % QUEUE_DEPTH_REPORT_EVERY == 0:
+                        metrics.LOG_QUEUE_DEPTH.set(queued)
+                    return
+            self._spool.append([row_record(row)])
+        except Exception:
+            # NOTE: logging must never fail a request; this is a bug, so say so loudly.
+            metrics.LOG_ROWS.labels("dropped").inc()
+            logger.exception("request-log row dropped: submit failed")
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the writer (without waiting for PostgreSQL) and start the writer and replayer threads."""
+        if self._threads:
+            return
+        self._writer.open()
+        self._threads = [
+            threading.Thread(target=self._write_loop, name="request-log-writer", daemon=True),
+            threading.Thread(target=self._replayer.run, name="request-log-replayer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self, timeout: float) -> None:
+        """Flush queued rows to PostgreSQL within ``timeout`` seconds; spool whatever is left.
+
+        Called from gunicorn's ``worker_exit``. Rows submitted after this go to the spool.
+        """
+        self._deadline = self._clock() + timeout
+        with self._cond:
+            self._closed = True
+            self._stopping.set()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, self._deadline - self._clock()))
+        with self._cond:
+            batch, self._inflight = self._inflight, None
+            leftovers = list(self._rows)
+            self._rows.clear()
+        if batch is not None:
+            if batch.claim():
+                # NOTE: the writer is stuck in PostgreSQL; if its transaction commits
+                # after all, replay finds the rows there and skips them.
+                leftovers[:0] = batch.rows
+            else:
+                batch.done.wait(1.0)  # the writer owns it and is spooling it right now
+        if leftovers:
+            self._spool.append([row_record(row) for row in leftovers])
+            logger.warning("request-log: spooled %d rows not written before shutdown", len(leftovers))
+        self._spool.close()
+        metrics.LOG_QUEUE_DEPTH.set(0)
+        self._writer.close()
+
+    def status(self) -> dict[str, Any]:
+        """Return the readiness detail: PostgreSQL state, rows queued, bytes spooled.
+
+        ``postgres`` is ``circuit_open``, ``up`` / ``down`` (last write), or
+        ``unknown`` before the first write.
+        """
+        if self._breaker.state is State.OPEN:
+            postgres = "circuit_open"
+        elif self._last_ok is None:
+            postgres = "unknown"
+        else:
+            postgres = "up" if self._last_ok else "down"
+        return {"postgres": postgres, "queue_depth": len(self._rows), "spool_bytes": self._spool.size_bytes()}
+
+    # --- the writer thread ----------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            metrics.LOG_QUEUE_DEPTH.set(len(self._rows))
+            if batch is not None:
+                try:
+                    self._deliver(batch)
+                except Exception:
+                    # NOTE: unreachable unless there is a bug; keep the thread alive.
+                    logger.exception("request-log writer failed")
+            elif self._stopping.is_set():
+                return
+
+    def _take_batch(self) -> _Batch | None:
+        """Wait for a row, then up to flush_interval for a full batch; mark the rows in flight."""
+        with self._cond:
+            if not self._rows and not self._closed:
+                self._cond.wait(self._flush_interval)
+            if not self._rows:
+                return None
+            if len(self._rows) < self._batch_size:
+                self._cond.wait_for(lambda: len(self._rows) >= self._batch_size or self._closed, self._flush_interval)
+            count = min(self._batch_size, len(self._rows))
+            batch = _Batch([self._rows.popleft() for _ in range(count)])
+            self._inflight = batch
+            return batch
+
+    def _deliver(self, batch: _Batch) -> None:
+        """Write one batch, or spool it: breaker open, retries exhausted, or shutdown deadline passed."""
+        try:
+            records = [row_record(row) for row in batch.rows]
+            duration = _Duration()
+            # NOTE: past the deadline the breaker is not even asked, so no half-open trial is spent.
+            attempt = (
+                REFUSED
+                if self._past_deadline()
+                else guarded_call(self._breaker, lambda: self._write(records, "write_batch"), latency=duration)
+            )
+            if attempt.ok:
+                self._report(ok=True)
+                batch.claim()
+                metrics.LOG_ROWS.labels("written").inc(len(records))
+                metrics.LOG_BATCH_LATENCY.observe(duration.seconds)
+                return
+            if attempt.error is not None:
+                self._report(ok=False)
+                logger.warning(
+                    "request-log: batch of %d rows not written (%s: %s); spooling it",
+                    len(records),
+                    type(attempt.error).__name__,
+                    attempt.error,
+                    exc_info=not isinstance(attempt.error, self._writer.transient_errors),
+                )
+            if batch.claim():
+                self._spool.append(records)
+        finally:
+            batch.done.set()
+            with self._cond:
+                if self._inflight is batch:
+                    self._inflight = None
+
+    # --- retries and the close deadline ----------------------------------------
+
+    def _write(self, records: Sequence[Mapping[str, Any]], operation: str) -> None:
+        """Write ``records`` in one transaction, retrying transient errors (not past the close deadline)."""
+        retry(
+            lambda: self._writer.write(records, operation=operation, wait=self._connection_wait()),
+            self._retry_policy,
+            is_transient=lambda ex: isinstance(ex, self._writer.transient_errors) and not self._past_deadline(),
+            sleep=self._sleep,
+            on_retry=self._on_retry,
+        )
+
+    def _on_retry(self, attempt: int, ex: BaseException) -> None:
+        metrics.RETRIES.labels(self._breaker.name).inc()
+        logger.info("request-log: retrying PostgreSQL write (attempt %d failed: %s)", attempt, ex)
+
+    def _connection_wait(self) -> float | None:
+        """Return how long a write may wait for a connection: the writer's own limit until close() sets a deadline."""
+        if self._deadline is None:
+            return None
+        return max(_LAST_CONNECTION_WAIT, self._deadline - self._clock())
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline
+
+    def _report(self, ok: bool) -> None:
+        """Remember the last outcome for ``status()``; ``falcon_dependency_up`` is the breaker's to report."""
+        self._last_ok = ok

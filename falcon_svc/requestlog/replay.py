@@ -1,0 +1,130 @@
+"""Give spooled request-log rows back to PostgreSQL once it is healthy: the replayer thread.
+
+Each pass, when anything is spooled: nothing while the breaker is open; while it
+is half-open, a probe spends the breaker's one trial call; once it is closed,
+``Spool.replay`` seals our spool file and feeds every file no live process holds
+(ours, and those of dead or restarted workers) to the writer in batches. A batch
+PostgreSQL refuses for a row's content is written row by row, and the refused
+rows are set aside, so one bad row never blocks its spool file.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from falcon_svc import metrics
+from falcon_svc.requestlog.spool import Spool
+from falcon_svc.requestlog.spool_files import Record
+from falcon_svc.requestlog.writer import Writer
+from falcon_svc.resilience import CircuitBreaker, State, guarded_call
+
+logger = logging.getLogger(__name__)
+
+WriteWithRetries = Callable[[Sequence[Mapping[str, Any]], str], None]
+
+
+class Replayer:
+    """Replay the spool every ``interval`` seconds until ``stopping`` is set."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        breaker: CircuitBreaker,
+        writer: Writer,
+        write: WriteWithRetries,
+        *,
+        batch_size: int,
+        interval: float,
+        stopping: threading.Event,
+        report: Callable[[bool], None],
+    ) -> None:
+        """``write(records, operation)`` is the queue's retrying write; ``report(ok)`` gets each outcome."""
+        self._spool = spool
+        self._breaker = breaker
+        self._writer = writer
+        self._write = write
+        self._batch_size = batch_size
+        self._interval = interval
+        self._stopping = stopping
+        self._report = report
+
+    def run(self) -> None:
+        """Replay until stopped: the replayer thread's body."""
+        # NOTE: the first pass runs at once, so a restarted worker replays what
+        # its predecessor spooled without waiting a whole interval.
+        while not self._stopping.is_set():
+            try:
+                self.replay_once()
+            except Exception:
+                logger.exception("request-log replayer failed")
+            self._stopping.wait(self._interval)
+
+    def replay_once(self) -> None:
+        """Replay the spool if PostgreSQL is healthy, or as the half-open breaker's trial call.
+
+        NOTE: without the trial, a breaker that opened during an outage would stay
+        half-open until new traffic arrived, and the spool would wait for it.
+        """
+        if self._spool.size_bytes(refresh=True) == 0:
+            return
+        state = self._breaker.state
+        if state is State.OPEN or (state is State.HALF_OPEN and not self._probe()):
+            return
+        try:
+            replayed = self._spool.replay(
+                self._replay_batch, batch_size=self._batch_size, should_stop=self._stopping.is_set
+            )
+        except Exception as ex:
+            logger.warning(
+                "request-log: spool replay stopped (%s: %s)",
+                type(ex).__name__,
+                ex,
+                exc_info=not isinstance(ex, self._writer.transient_errors),
+            )
+            return
+        if replayed:
+            logger.info("request-log: replayed %d spooled rows", replayed)
+
+    def _probe(self) -> bool:
+        """Spend the half-open breaker's trial on a round trip; return whether it closed the breaker."""
+        attempt = guarded_call(self._breaker, self._writer.probe)
+        if attempt.refused:
+            return False
+        self._report(attempt.ok)
+        ex = attempt.error
+        if ex is not None:
+            logger.info("request-log: PostgreSQL still unavailable (%s: %s)", type(ex).__name__, ex)
+        return attempt.ok
+
+    def _replay_batch(self, records: list[Record]) -> None:
+        """Write one spooled batch (the pass was admitted already); raise to stop the replay, keeping the file."""
+        attempt = guarded_call(self._breaker, lambda: self._write_replayed(records), ask_breaker=False)
+        self._report(attempt.ok)
+        if attempt.error is not None:
+            raise attempt.error
+        metrics.LOG_ROWS.labels("replayed").inc(attempt.value or 0)
+
+    def _write_replayed(self, records: list[Record]) -> int:
+        """Write a spooled batch, row by row if PostgreSQL refuses a row's content; return the rows written."""
+        try:
+            self._write(records, "replay_batch")
+        except self._writer.poison_errors as ex:
+            logger.error("request-log: PostgreSQL rejected a replayed batch (%s); retrying its rows one by one", ex)
+            return self._write_row_by_row(records)
+        return len(records)
+
+    def _write_row_by_row(self, records: list[Record]) -> int:
+        """Write rows singly so one bad row cannot block its spool file forever; set the bad ones aside."""
+        rejected: list[Record] = []
+        reason = ""
+        for record in records:
+            try:
+                self._write([record], "replay_row")
+            except self._writer.poison_errors as ex:
+                rejected.append(record)
+                reason = f"{type(ex).__name__}: {ex}"
+        self._spool.reject(rejected, reason)
+        return len(records) - len(rejected)

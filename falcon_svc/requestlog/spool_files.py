@@ -1,0 +1,167 @@
+"""The spool's files: their names and locks, and the JSON lines written to them and read back.
+
+Each process appends to a file of its own, ``spool-<time_ns>-<pid>-<seq>.jsonl``,
+and holds an exclusive ``flock`` on it while it is active. A file nobody holds
+a lock on is finished: sealed by its owner, or left by a worker that died or was
+restarted. Replay locks a finished file too, so two processes never replay the
+same file at once, and deletes it only once all its rows are written. A crash
+mid-write leaves a truncated last line, which replay skips and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SPOOL_GLOB = "spool-*.jsonl"
+# NOTE: rows PostgreSQL rejects for their content are set aside here for an
+# operator, never replayed (they would fail again), but still count towards the bound.
+REJECTED_GLOB = "rejected-*.jsonl"
+# NOTE: a new file is created under this prefix, locked, then renamed into place,
+# so no replayer can ever see (and delete) an active file before it is locked.
+_NEW_PREFIX = ".new-"
+
+Record = dict[str, Any]
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """Return ``record`` as one JSON line, ASCII only; raise TypeError or ValueError if it cannot be."""
+    return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def create_locked(directory: Path, pid: int, seq: int) -> tuple[int, Path]:
+    """Create a new spool file, locked by this process; return its append-only descriptor and path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"spool-{time.time_ns():020d}-{pid}-{seq:06d}.jsonl"
+    new_path = directory / f"{_NEW_PREFIX}{name}"
+    fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(new_path, directory / name)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            new_path.unlink()
+        raise
+    return fd, directory / name
+
+
+def finish(fd: int, path: Path | None) -> None:
+    """Sync and close a detached spool file (deleting it if empty); closing releases its lock."""
+    try:
+        if os.fstat(fd).st_size == 0 and path is not None:
+            path.unlink(missing_ok=True)
+        else:
+            os.fsync(fd)
+    except OSError as ex:
+        logger.error("request-log spool file %s could not be synced: %s", path, ex)
+    finally:
+        os.close(fd)
+
+
+def replay_file(
+    path: Path,
+    write: Callable[[list[Record]], None],
+    *,
+    batch_size: int,
+    should_stop: Callable[[], bool],
+    drop: Callable[[int, str], None],
+) -> int:
+    """Feed one finished spool file to ``write`` in batches, then delete it; return the rows written.
+
+    A file another process holds is skipped (0). Unreadable lines are skipped and
+    reported to ``drop(count, reason)``. When ``should_stop`` says so between
+    batches, or ``write`` raises, the file stays, to be replayed whole next time.
+    """
+    fd = _lock_existing(path)
+    if fd is None:
+        return 0
+    replayed = 0
+    bad_lines = 0
+    with os.fdopen(fd, "rb") as handle:  # NOTE: closing releases the lock, after the unlink
+        batch: list[Record] = []
+        for number, line in enumerate(handle, start=1):
+            record = _decode(path, number, line)
+            if record is None:
+                bad_lines += 1
+                continue
+            batch.append(record)
+            if len(batch) >= batch_size:
+                write(batch)
+                replayed += len(batch)
+                batch = []
+                if should_stop():
+                    return replayed
+        if batch:
+            write(batch)
+            replayed += len(batch)
+        path.unlink(missing_ok=True)
+    if bad_lines:
+        drop(bad_lines, f"unreadable lines in {path.name}")
+    logger.info("replayed %d request-log rows from %s", replayed, path.name)
+    return replayed
+
+
+def remove_abandoned_new_files(directory: Path) -> None:
+    """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
+    for path in directory.glob(f"{_NEW_PREFIX}{SPOOL_GLOB}"):
+        fd = _lock_existing(path)
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def write_rejected(directory: Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``records`` to a new, synced ``rejected-`` file; return its path (a write error is logged)."""
+    path = directory / f"rejected-{time.time_ns():020d}-{os.getpid()}.jsonl"
+    data = b"".join(encode(record) for record in records)
+    try:
+        with path.open("ab") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as ex:
+        logger.error("cannot write rejected request-log rows to %s: %s", path, ex)
+    return path
+
+
+def _lock_existing(path: Path) -> int | None:
+    """Open and exclusively lock ``path`` without waiting; None if it is held or gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # NOTE: another replayer may have deleted the file between our open and
+        # our lock; then we hold a lock on an orphan inode and must not replay it.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(path)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _decode(path: Path, number: int, line: bytes) -> Record | None:
+    if not line.endswith(b"\n"):
+        logger.warning("skipping truncated last line %d of %s (a crash mid-write)", number, path.name)
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        logger.error("skipping unreadable line %d of %s", number, path.name)
+        return None
+    if not isinstance(record, dict):
+        logger.error("skipping line %d of %s: not a JSON object", number, path.name)
+        return None
+    return record

@@ -1,0 +1,269 @@
+"""Idempotency without Redis: the request fingerprint, the key's rules, the judgement of a
+stored record, and how the middleware answers each outcome.
+
+The store against a real redis-server (atomic claims, expiry, Redis dying) is
+covered by tests/integration/test_redis_cache_idempotency.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from typing import Any
+
+import falcon
+import falcon.testing
+import pytest
+
+from falcon_svc.app import create_app
+from falcon_svc.dependencies import Dependencies
+from falcon_svc.errors import APIError
+from falcon_svc.idempotency import HEADER, Claim, Outcome, fingerprint, judge, validate_key
+from falcon_svc.model import Model
+from falcon_svc.settings import Settings
+
+JSON = {"Content-Type": "application/json"}
+
+
+class TestFingerprint:
+    def test_json_key_order_and_whitespace_do_not_matter(self):
+        compact = b'{"texts":["a","b"],"options":{"x":1,"y":[1,2]}}'
+        spread = b'{\n  "options": { "y": [1, 2], "x": 1 },\n  "texts": [ "a", "b" ]\n}'
+        assert fingerprint("POST", "/infer/batch", compact) == fingerprint("POST", "/infer/batch", spread)
+
+    def test_json_escapes_and_the_characters_they_stand_for_are_one_body(self):
+        escaped = b'{"text": "caf\\u00e9"}'
+        literal = '{"text": "café"}'.encode()
+        assert fingerprint("POST", "/infer", escaped) == fingerprint("POST", "/infer", literal)
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body"),
+        [
+            ("PUT", "/infer", b'{"text": "a"}'),
+            ("POST", "/infer/batch", b'{"text": "a"}'),
+            ("POST", "/infer", b'{"text": "b"}'),
+            ("POST", "/infer", b'{"text": "a", "extra": null}'),
+            ("POST", "/infer", b'["text", "a"]'),
+        ],
+    )
+    def test_another_method_path_or_body_is_another_request(self, method, path, body):
+        assert fingerprint(method, path, body) != fingerprint("POST", "/infer", b'{"text": "a"}')
+
+    def test_a_body_that_is_not_json_is_hashed_as_its_bytes(self):
+        expected = hashlib.sha256(b"POST\n/infer\ntext=a b").hexdigest()
+        assert fingerprint("POST", "/infer", b"text=a b") == expected
+        assert fingerprint("POST", "/infer", b"text=a  b") != expected, "outside JSON, every byte counts"
+
+    def test_invalid_utf8_is_hashed_as_its_bytes_not_an_error(self):
+        body = b'{"text": "\xff\xfe"}'
+        assert fingerprint("POST", "/infer", body) == hashlib.sha256(b"POST\n/infer\n" + body).hexdigest()
+        assert fingerprint("POST", "/infer", body) != fingerprint("POST", "/infer", b'{"text":"\xff\xfe"}')
+
+    def test_json_too_deep_to_parse_is_hashed_as_its_bytes_not_an_error(self):
+        body = b"[" * 100_000
+        assert fingerprint("POST", "/infer", body) == hashlib.sha256(b"POST\n/infer\n" + body).hexdigest()
+
+
+class TestValidateKey:
+    @pytest.mark.parametrize("key", ["a", "x" * 255, "order-1", "!~%2F{}", "0123456789" * 25])
+    def test_one_to_255_visible_ascii_characters_pass_unchanged(self, key):
+        assert validate_key(key) == key
+
+    @pytest.mark.parametrize(
+        "key",
+        ["", "x" * 256, "has space", " leading", "tab\there", "caf\u00e9", "\u00a0nbsp", "del\x7f", "nl\n"],
+    )
+    def test_anything_else_is_a_400_naming_the_header(self, key):
+        with pytest.raises(APIError) as raised:
+            validate_key(key)
+        error = raised.value
+        assert error.status_code == 400, error.status
+        assert error.code == "invalid_idempotency_key", error.code
+        assert error.field == HEADER, error.field
+
+
+def record(state: str, fp: str, **extra: Any) -> bytes:
+    return json.dumps({"state": state, "fp": fp, "token": "t0k3n", **extra}).encode()
+
+
+class TestJudge:
+    def test_a_stored_answer_to_the_same_request_is_replayed_as_stored(self):
+        stored = {"status": 201, "headers": {"X-Request-ID": "r-1"}, "body": '{"ok": true}'}
+        claim = judge(record("done", "fp-1", **stored), "fp-1", "falcon:idem:k")
+        assert claim.outcome is Outcome.REPLAYED, claim
+        assert claim.key == "falcon:idem:k"
+        assert claim.stored == {"state": "done", "fp": "fp-1", "token": "t0k3n", **stored}
+
+    @pytest.mark.parametrize("state", ["done", "pending"])
+    def test_another_request_under_the_key_is_a_mismatch(self, state):
+        claim = judge(record(state, "fp-1", status=200, headers={}, body="{}"), "fp-2", "falcon:idem:k")
+        assert claim.outcome is Outcome.MISMATCH, claim
+        assert claim.stored is None, "a mismatch must not hand out another request's answer"
+
+    def test_the_same_request_still_in_flight_is_a_conflict(self):
+        claim = judge(record("pending", "fp-1"), "fp-1", "falcon:idem:k")
+        assert claim.outcome is Outcome.CONFLICT, claim
+        assert claim.stored is None
+
+    @pytest.mark.parametrize(
+        "existing",
+        [b"not json", b'{"fp": "fp-1"}', b'{"state": "done"}', b"[1, 2]", b'"a string"', b"null", b"\xff"],
+    )
+    def test_an_unreadable_record_proceeds_without_idempotency_and_says_so(self, existing, caplog):
+        with caplog.at_level(logging.WARNING, logger="falcon_svc.idempotency"):
+            claim = judge(existing, "fp-1", "falcon:idem:k")
+        assert claim.outcome is Outcome.UNAVAILABLE, claim
+        assert "falcon:idem:k" in caplog.text, "an unreadable record must be logged with its key"
+
+
+class FakeStore:
+    """Our ``IdempotencyStore`` interface: ``begin`` answers a chosen claim; the rest is noted."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.begun: list[tuple[str, str]] = []
+        self.completed: list[tuple[Claim, int, bytes, dict[str, str]]] = []
+        self.released: list[Claim] = []
+
+    def begin(self, key: str, request_fingerprint: str) -> Claim:
+        self.begun.append((key, request_fingerprint))
+        return self.claim
+
+    def complete(self, claim: Claim, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.completed.append((claim, status, body, headers))
+
+    def release(self, claim: Claim) -> None:
+        self.released.append(claim)
+
+
+class CountingModel:
+    """The real model, counting the texts it is asked to score."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self.predicted: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def predict(self, texts):
+        self.predicted.extend(texts)
+        return self._model.predict(texts)
+
+
+@pytest.fixture
+def counting_model(model: Model) -> CountingModel:
+    return CountingModel(model)
+
+
+def serve(settings: Settings, model: CountingModel, claim: Claim) -> tuple[falcon.testing.TestClient, FakeStore]:
+    store = FakeStore(claim)
+    app = create_app(settings, model, dependencies=Dependencies(idempotency=store), worker_id="t:1")
+    return falcon.testing.TestClient(app), store
+
+
+def infer(client: falcon.testing.TestClient, text: str = "pay once", key: str | None = "order-1"):
+    headers = {**JSON, **({HEADER: key} if key is not None else {})}
+    return client.simulate_post("/infer", body=json.dumps({"text": text}), headers=headers)
+
+
+def assert_refused(result: falcon.testing.Result, status: int, code: str) -> None:
+    assert result.status_code == status, f"expected {status}, got {result.status_code}: {result.text}"
+    assert result.json["error"]["code"] == code, result.json
+    assert result.json["error"]["field"] == HEADER, result.json
+
+
+class TestMiddleware:
+    def test_a_request_in_flight_is_a_409_with_retry_after_and_nothing_computed(self, settings, counting_model):
+        client, _ = serve(settings, counting_model, Claim(Outcome.CONFLICT, "falcon:idem:order-1"))
+        result = infer(client)
+        assert_refused(result, 409, "idempotency_key_in_flight")
+        assert result.headers.get("retry-after") == "1", result.headers
+        assert counting_model.predicted == [], "a conflict must not compute"
+
+    def test_another_request_under_the_key_is_a_422_without_retry_after(self, settings, counting_model):
+        client, _ = serve(settings, counting_model, Claim(Outcome.MISMATCH, "falcon:idem:order-1"))
+        result = infer(client)
+        assert_refused(result, 422, "idempotency_key_mismatch")
+        assert "retry-after" not in result.headers, "retrying a mismatch cannot help"
+        assert counting_model.predicted == [], "a mismatch must not compute"
+
+    def test_a_replay_is_the_stored_response_with_its_headers(self, settings, counting_model):
+        stored = {
+            "state": "done",
+            "status": 201,
+            "body": '{"label": "stored"}',
+            "headers": {"X-Request-ID": "original-id", "Content-Type": "application/json"},
+        }
+        client, store = serve(settings, counting_model, Claim(Outcome.REPLAYED, "falcon:idem:order-1", stored=stored))
+        result = infer(client, key="order-1")
+        assert result.status_code == 201, result.text
+        assert result.content == b'{"label": "stored"}', "the stored body, byte for byte"
+        assert result.headers.get("idempotent-replayed") == "true", result.headers
+        assert result.headers["x-request-id"] == "original-id", "a replay answers with the original request id"
+        assert result.headers["content-type"] == "application/json", result.headers
+        assert counting_model.predicted == [], "a replay must not compute"
+        assert store.completed == [] and store.released == [], "a replay must not touch the stored record"
+
+    def test_a_binary_replay_keeps_its_bytes_and_tensor_header(self, settings, counting_model):
+        body = b'{"outputs": []}\x00\xff\x01'
+        stored = {
+            "state": "done",
+            "status": 200,
+            "body_base64": base64.b64encode(body).decode(),
+            "headers": {
+                "X-Request-ID": "original-id",
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": "15",
+            },
+        }
+        client, _ = serve(settings, counting_model, Claim(Outcome.REPLAYED, "falcon:idem:order-1", stored=stored))
+        result = infer(client)
+        assert result.status_code == 200, result.text
+        assert result.content == body
+        assert result.headers["content-type"] == "application/octet-stream", result.headers
+        assert result.headers["inference-header-content-length"] == "15", result.headers
+
+    def test_a_record_stored_without_content_type_replays_as_json(self, settings, counting_model):
+        stored = {"state": "done", "status": 200, "body": "{}", "headers": {"X-Request-ID": "original-id"}}
+        client, _ = serve(settings, counting_model, Claim(Outcome.REPLAYED, "falcon:idem:order-1", stored=stored))
+        assert infer(client).headers["content-type"] == "application/json"
+
+    def test_without_the_store_the_request_is_computed_and_says_so(self, settings, counting_model):
+        client, store = serve(settings, counting_model, Claim(Outcome.UNAVAILABLE))
+        result = infer(client, text="pay once")
+        assert result.status_code == 200, result.text
+        assert result.headers.get("idempotency-status") == "unavailable", result.headers
+        assert counting_model.predicted == ["pay once"]
+        assert store.completed == [] and store.released == []
+
+    def test_a_first_success_is_stored_with_its_request_id(self, settings, counting_model):
+        claim = Claim(Outcome.FIRST, "falcon:idem:order-1", "fp", "token")
+        client, store = serve(settings, counting_model, claim)
+        body = json.dumps({"text": "pay once"}).encode()
+        result = client.simulate_post("/infer", body=body, headers={**JSON, HEADER: "order-1"})
+        assert result.status_code == 200, result.text
+        assert store.begun == [("order-1", fingerprint("POST", "/infer", body))]
+        assert len(store.completed) == 1 and store.released == [], (store.completed, store.released)
+        stored_claim, status, stored_body, headers = store.completed[0]
+        assert (stored_claim, status, stored_body) == (claim, 200, result.content)
+        assert headers == {"X-Request-ID": result.headers["x-request-id"], "Content-Type": "application/json"}
+
+    def test_a_first_request_that_fails_releases_its_key(self, settings, counting_model):
+        claim = Claim(Outcome.FIRST, "falcon:idem:order-1", "fp", "token")
+        client, store = serve(settings, counting_model, claim)
+        assert infer(client, text="   ").status_code == 422
+        assert store.released == [claim] and store.completed == [], (store.released, store.completed)
+
+    @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "caf\u00e9"])
+    def test_a_bad_key_is_a_400_before_the_store_is_asked(self, settings, counting_model, key):
+        client, store = serve(settings, counting_model, Claim(Outcome.FIRST, "k", "fp", "token"))
+        assert_refused(infer(client, key=key), 400, "invalid_idempotency_key")
+        assert store.begun == []
+
+    def test_without_the_header_the_store_is_not_asked(self, settings, counting_model):
+        client, store = serve(settings, counting_model, Claim(Outcome.CONFLICT, "k"))
+        assert infer(client, key=None).status_code == 200
+        assert store.begun == []

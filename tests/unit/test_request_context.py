@@ -1,0 +1,129 @@
+"""The request-log row the request middleware builds from what the resources leave on ``req.context``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import falcon
+import falcon.testing
+import pytest
+
+from falcon_svc.app import create_app
+from falcon_svc.dependencies import Dependencies
+from falcon_svc.inference import Inference, Result, text_digest
+from falcon_svc.lifecycle import Lifecycle
+from falcon_svc.middleware import RequestContext
+from falcon_svc.model import Model, Prediction
+from falcon_svc.requestlog import LogRow
+from falcon_svc.settings import Settings
+
+JSON = {"Content-Type": "application/json"}
+PREDICTION = Prediction("positive", 0.75, {"negative": 0.05, "neutral": 0.2, "positive": 0.75})
+
+
+class FakeRequestLog:
+    """Our RequestLog as the app uses it: rows are submitted, readiness asks for a status."""
+
+    def __init__(self) -> None:
+        self.rows: list[LogRow] = []
+
+    def submit(self, row: LogRow) -> None:
+        self.rows.append(row)
+
+    def status(self) -> dict[str, Any]:
+        return {"postgres": "unknown", "queue_depth": len(self.rows), "spool_bytes": 0}
+
+
+@pytest.fixture
+def request_log() -> FakeRequestLog:
+    return FakeRequestLog()
+
+
+@pytest.fixture
+def logged_client(settings: Settings, model: Model, request_log: FakeRequestLog) -> falcon.testing.TestClient:
+    deps = Dependencies(request_log=request_log)  # type: ignore[arg-type]
+    return falcon.testing.TestClient(
+        create_app(settings, model, dependencies=deps, lifecycle=Lifecycle(), worker_id="test:1")
+    )
+
+
+def batch_sha256(texts: list[str]) -> str:
+    return hashlib.sha256("\x1e".join(text_digest(text) for text in texts).encode()).hexdigest()
+
+
+def test_one_text_is_logged_with_its_label_and_hash(logged_client, request_log, model: Model):
+    result = logged_client.simulate_post("/infer", body=json.dumps({"text": "I love it"}), headers=JSON)
+    (row,) = request_log.rows
+    assert row.route == "/infer" and row.method == "POST" and row.status == 200, row
+    assert row.request_id == result.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", row.log_id) and row.log_id != row.request_id, "the row key is ours"
+    assert row.worker_id == "test:1" and row.model_version == model.version
+    assert (row.label, row.confidence) == (result.json["label"], result.json["confidence"])
+    assert (row.n_texts, row.cache_hit, row.idempotent_replay) == (1, False, False)
+    assert (row.text, row.text_length, row.text_sha256) == ("I love it", 9, text_digest("I love it"))
+    assert row.latency_ms is not None and row.latency_ms >= 0
+
+
+def test_a_batch_is_logged_by_the_hash_of_its_hashes(logged_client, request_log, model: Model):
+    texts = ["I love it", "awful", "I love it"]
+    logged_client.simulate_post("/infer/batch", body=json.dumps({"texts": texts}), headers=JSON)
+    (row,) = request_log.rows
+    assert (row.route, row.n_texts, row.model_version) == ("/infer/batch", 3, model.version)
+    assert (row.label, row.confidence) == (None, None), "a batch has no one label"
+    assert row.text_sha256 == batch_sha256(texts)
+    assert (row.text, row.text_length) == ("\x1e".join(texts), sum(map(len, texts)))
+
+
+def test_a_v2_inference_is_logged_under_its_route_template(logged_client, request_log, model: Model):
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["good", "bad"]}]}
+    result = logged_client.simulate_post(f"/v2/models/{model.name}/infer", body=json.dumps(body), headers=JSON)
+    assert result.status_code == 200, result.text
+    (row,) = request_log.rows
+    assert (row.route, row.n_texts, row.text_sha256) == ("/v2/models/{name}/infer", 2, batch_sha256(["good", "bad"]))
+
+
+def test_a_refused_request_is_logged_without_inference_columns(logged_client, request_log):
+    logged_client.simulate_post("/infer", body=json.dumps({"text": ""}), headers=JSON)
+    (row,) = request_log.rows
+    assert row.status == 422 and row.route == "/infer"
+    inference_columns = ("model_version", "label", "confidence", "n_texts", "cache_hit", "text_length", "text_sha256")
+    assert {name: getattr(row, name) for name in inference_columns} == dict.fromkeys(inference_columns), row
+    assert row.text is None
+
+
+def test_probes_and_pages_get_no_row(logged_client, request_log):
+    for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):
+        logged_client.simulate_get(path)
+    assert request_log.rows == [], "only inference routes are logged"
+
+
+def row_for(inference: Inference, *, route: str = "/infer/batch", **context: Any) -> LogRow:
+    """Run the middleware alone over a request whose resource left ``inference``; return its row."""
+    request_log = FakeRequestLog()
+    middleware = RequestContext("w:1", access_log=False, request_log=request_log)  # type: ignore[arg-type]
+    req = falcon.testing.create_req(path=route, method="POST")
+    resp = falcon.Response()
+    middleware.process_request(req, resp)
+    req.uri_template = route
+    req.context.inference = inference
+    for key, value in context.items():
+        req.context[key] = value
+    middleware.process_response(req, resp, None, True)
+    (row,) = request_log.rows
+    return row
+
+
+@pytest.mark.parametrize(("hits", "expected"), [((True, True), True), ((True, False), False), ((False,), False)])
+def test_cache_hit_means_every_text_came_from_the_cache(hits, expected):
+    texts = [f"text {i}" for i in range(len(hits))]
+    results = [Result(PREDICTION, hit, text_digest(text)) for hit, text in zip(hits, texts, strict=True)]
+    assert row_for(Inference(texts, results, "v1")).cache_hit is expected
+
+
+def test_an_idempotent_replay_is_marked():
+    inference = Inference(["a"], [Result(PREDICTION, True, text_digest("a"))], "v1")
+    assert row_for(inference).idempotent_replay is False
+    assert row_for(inference, idempotent_replay=True).idempotent_replay is True

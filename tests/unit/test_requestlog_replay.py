@@ -1,0 +1,152 @@
+"""The request log's replayer over a fake writer: when it may replay, what it writes, what a failure leaves behind.
+
+Each test leaves rows in the spool (a previous outage), starts a log with a
+short replay interval and synchronises on the spool's passes, never on time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from requestlog_fakes import (
+    FakeClock,
+    FakeWriter,
+    SignallingSpool,
+    TransientError,
+    make_log,
+    make_row,
+    records_on_disk,
+    rows_total,
+)
+
+from falcon_svc.requestlog import RequestLog
+from falcon_svc.requestlog.rows import row_record
+from falcon_svc.requestlog.spool_files import REJECTED_GLOB
+from falcon_svc.resilience import CircuitBreaker, State
+
+
+@pytest.fixture
+def writer() -> FakeWriter:
+    return FakeWriter()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> SignallingSpool:
+    spool = SignallingSpool(tmp_path / "spool")
+    spool.append([row_record(make_row(i)) for i in range(3)])  # what an earlier outage left behind
+    spool.batches.clear()
+    return spool
+
+
+@pytest.fixture
+def logs() -> Iterator[list[RequestLog]]:
+    """Close every log a test made, so no thread outlives it."""
+    made: list[RequestLog] = []
+    yield made
+    for log in made:
+        log.close(timeout=0.5)
+
+
+def replaying(
+    logs: list[RequestLog], writer: FakeWriter, spool: SignallingSpool, breaker: CircuitBreaker
+) -> RequestLog:
+    log = make_log(writer, spool, breaker, replay_interval=0.01)
+    logs.append(log)
+    log.start()
+    return log
+
+
+def half_open_breaker(clock: FakeClock, **hooks) -> CircuitBreaker:
+    breaker = CircuitBreaker("postgres", failure_threshold=1, reset_timeout=60, clock=clock, **hooks)
+    breaker.record_failure()
+    clock.now += 60
+    assert breaker.state is State.HALF_OPEN
+    return breaker
+
+
+def test_spooled_rows_are_replayed_counted_and_removed(logs, writer, spool):
+    replayed = rows_total("replayed")
+    log = replaying(logs, writer, spool, CircuitBreaker("postgres"))
+    writer.wait_until(lambda w: w.stored, "the spooled rows are replayed")
+    spool.wait_for_a_whole_pass()
+    assert writer.stored == [["log-0", "log-1", "log-2"]]
+    assert [call.operation for call in writer.calls] == ["replay_batch"]
+    assert rows_total("replayed") - replayed == 3
+    assert records_on_disk(spool.directory) == [], "a replayed file is deleted"
+    assert log.status()["postgres"] == "up"
+
+
+def test_an_open_breaker_leaves_the_spool_alone(logs, writer, spool):
+    breaker = CircuitBreaker("postgres", failure_threshold=1, reset_timeout=60, clock=FakeClock())
+    breaker.record_failure()
+    log = replaying(logs, writer, spool, breaker)
+    spool.wait_for_a_whole_pass()
+    assert spool.replays == 0 and writer.calls == [] and writer.probes == 0, "no call while the breaker is open"
+    assert log.status()["postgres"] == "circuit_open"
+
+
+def test_a_half_open_breaker_spends_its_trial_on_a_probe_and_a_failed_probe_reopens_it(logs, writer, spool):
+    writer.failing = TransientError("connection refused")
+    reopened = threading.Event()
+    breaker = half_open_breaker(
+        FakeClock(), on_transition=lambda _name, old, _new: reopened.set() if old is State.HALF_OPEN else None
+    )
+    log = replaying(logs, writer, spool, breaker)
+    assert reopened.wait(10), "the half-open breaker's trial was never made"
+    spool.wait_for_a_whole_pass()
+    assert breaker.state is State.OPEN
+    assert writer.probes == 1, "one trial call, then the open breaker refuses"
+    assert spool.replays == 0 and writer.calls == [], "a failed probe must not be followed by a replay"
+    assert log.status()["postgres"] == "circuit_open"
+
+
+def test_a_successful_probe_closes_the_breaker_and_the_spool_is_replayed(logs, writer, spool):
+    breaker = half_open_breaker(FakeClock())
+    replaying(logs, writer, spool, breaker)
+    writer.wait_until(lambda w: w.stored, "the spool is replayed after the probe")
+    assert writer.probes == 1 and breaker.state is State.CLOSED
+    assert writer.stored == [["log-0", "log-1", "log-2"]]
+
+
+def test_no_probe_while_another_caller_holds_the_half_open_trial(logs, writer, spool):
+    breaker = half_open_breaker(FakeClock())
+    assert breaker.allow(), "this test takes the one trial call a half-open breaker admits"
+    replaying(logs, writer, spool, breaker)
+    spool.wait_for_a_whole_pass()
+    spool.wait_for_a_whole_pass()
+    assert breaker.state is State.HALF_OPEN, "the replayer made a trial call the breaker did not admit"
+    assert writer.probes == 0 and spool.replays == 0
+
+
+def test_a_failed_replay_keeps_the_rows_and_reports_postgres_down(logs, writer, spool):
+    writer.failing = TransientError("connection refused")
+    outcomes: list[bool] = []
+    breaker = CircuitBreaker("postgres", failure_threshold=100, on_outcome=lambda _name, ok: outcomes.append(ok))
+    log = replaying(logs, writer, spool, breaker)
+    spool.wait_for_a_whole_pass()
+    log.close(timeout=10)  # the passes are over once it returns
+    passes, extra = divmod(len(writer.calls), 3)
+    assert passes >= 1 and extra == 0, f"each pass that writes makes 3 attempts: {len(writer.calls)} in all"
+    assert {call.operation for call in writer.calls} == {"replay_batch"}
+    assert outcomes == [False] * passes, "each failed pass is one failure on the breaker, never a success"
+    assert log.status()["postgres"] == "down"
+    assert sorted(record["log_id"] for record in records_on_disk(spool.directory)) == ["log-0", "log-1", "log-2"]
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_others_are_replayed(logs, writer, spool):
+    writer.refused_ids = {"log-1"}
+    replayed, dropped = rows_total("replayed"), rows_total("dropped")
+    replaying(logs, writer, spool, CircuitBreaker("postgres"))
+    writer.wait_until(lambda w: len(w.calls) >= 4, "the batch and then its rows one by one are tried")
+    spool.wait_for_a_whole_pass()
+    assert [call.operation for call in writer.calls] == ["replay_batch", "replay_row", "replay_row", "replay_row"]
+    assert writer.stored_ids() == ["log-0", "log-2"]
+    assert rows_total("replayed") - replayed == 2
+    assert rows_total("dropped") - dropped == 1, "the refused row is counted as dropped"
+    (rejected,) = spool.directory.glob(REJECTED_GLOB)
+    assert json.loads(rejected.read_text())["log_id"] == "log-1", "the refused row is kept for an operator"
+    assert records_on_disk(spool.directory) == [], "the spool file is done with"
