@@ -239,9 +239,10 @@ def known_units() -> set[str]:
 
 
 def script_variables() -> set[str]:
-    """Environment variables our scripts and the Makefile read."""
+    """Environment variables our scripts, the test harness and the Makefile read."""
     names = set()
-    for path in [*REPO_ROOT.glob("scripts/**/*.sh"), *REPO_ROOT.glob("scripts/**/*.py")]:
+    # tests/*.py: the switches the suite itself reads (CI, FALCON_REQUIRE_MODEL, ...).
+    for path in [*REPO_ROOT.glob("scripts/**/*.sh"), *REPO_ROOT.glob("scripts/**/*.py"), *REPO_ROOT.glob("tests/*.py")]:
         text = path.read_text(encoding="utf-8")
         names.update(re.findall(r"\$\{([A-Z][A-Z0-9_]*)(?::?[-=?+])", text))
         names.update(re.findall(r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]*)\"", text))
