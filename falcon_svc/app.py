@@ -14,6 +14,7 @@ import time
 import falcon
 
 from falcon_svc import errors, metrics
+from falcon_svc.access import InternalAccess, parse_networks
 from falcon_svc.dependencies import Dependencies, build_redis_dependencies, build_request_log
 from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
@@ -58,12 +59,13 @@ def create_app(
     worker_id = worker_id or f"{settings.instance_name}:{os.getpid()}"
     classifier = Classifier(model, deps.cache)
     readiness = Readiness(model, lifecycle, deps)
+    access = InternalAccess(parse_networks(settings.metrics_allowed_networks))
 
     middleware: list[RequestContext | IdempotencyMiddleware] = [
         RequestContext(worker_id, settings.access_log, deps.request_log)
     ]
     if deps.idempotency is not None:
-        middleware.append(IdempotencyMiddleware(deps.idempotency, settings.max_body_bytes))
+        middleware.append(IdempotencyMiddleware(deps.idempotency, settings))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(errors.serialize_error)
@@ -73,9 +75,9 @@ def create_app(
     app.add_route("/infer", InferResource(classifier, settings, worker_id))
     app.add_route("/infer/batch", BatchInferResource(classifier, settings, worker_id))
     app.add_route("/healthz", LivenessResource())
-    app.add_route("/readyz", ReadinessResource(readiness))
-    app.add_route("/v1/models", ModelsResource(model))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/readyz", ReadinessResource(readiness, access))
+    app.add_route("/v1/models", ModelsResource(model, access))
+    app.add_route("/metrics", MetricsResource(access))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/", DemoPageResource())
     app.add_route("/static/{asset}", StaticAssetResource())

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from falcon_svc.logs import configure_logging
+from falcon_svc.redact import redact
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Validate settings and the model as the service would, then print a summary."""
+    """Validate settings and the model as the service would, then print a summary (passwords hidden)."""
     from falcon_svc.settings import describe
     from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
 
@@ -55,10 +56,10 @@ def migrate(args: argparse.Namespace) -> int:
         applied = apply_migrations(settings.database_url)
     except (psycopg.OperationalError, MigrationError) as ex:
         if args.if_reachable and isinstance(ex, psycopg.OperationalError):
-            reason = str(ex).splitlines()[0]
+            reason = redact(str(ex).splitlines()[0])
             print(f"DEGRADED: PostgreSQL unreachable ({reason}); request-log rows will be spooled", file=sys.stderr)
             return 0
-        print(f"migrate: {ex}", file=sys.stderr)
+        print(f"migrate: {redact(ex)}", file=sys.stderr)
         return 1
     print(f"migrate: applied {', '.join(applied)}" if applied else "migrate: schema is up to date")
     return 0

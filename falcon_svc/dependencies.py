@@ -3,7 +3,8 @@
 One breaker per dependency, shared by everything that calls it; transitions
 become metrics and one log line each (the breaker logs). Start-up probes each
 dependency once so a missing one is reported loudly, then the service serves
-degraded rather than refusing to start.
+degraded rather than refusing to start. What they log passes through
+``falcon_svc.redact``: the URLs, and the client libraries' errors, may hold a password.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from redis.retry import Retry
 from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
+from falcon_svc.redact import redact
 from falcon_svc.requestlog import PostgresWriter, RequestLog, Spool
 from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State, guarded_call
 from falcon_svc.settings import Settings
@@ -139,8 +141,8 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
         logger.warning(
             "DEGRADED: Redis unreachable at %s (%s); serving without the shared cache and without "
             "idempotency until it answers",
-            settings.redis_url,
-            ex,
+            redact(settings.redis_url),
+            redact(ex),
         )
     if settings.cache_enabled:
         deps.cache = ResponseCache(
@@ -171,7 +173,7 @@ def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
         logger.warning(
             "DEGRADED: PostgreSQL unreachable (%s); request-log rows are queued, then spooled to %s, "
             "and written when it answers",
-            str(ex).splitlines()[0],
+            redact(str(ex).splitlines()[0]),
             settings.log_spool_dir,
         )
     request_log = RequestLog(

@@ -62,6 +62,11 @@ threads = _settings.threads if _settings.worker_class == "gthread" else 1
 # NOTE: no preload: each worker loads the model after the fork, so nothing that
 # owns threads or sockets (pools, the log writer) ever crosses a fork.
 preload_app = False
+# NOTE: gunicorn's default, stated because the systemd unit's LimitNOFILE= is sized
+# from it: each worker holds at most this many client connections (meinheld: client
+# descriptors numbered below it; gthread: open connections), and its own descriptors
+# (Redis, PostgreSQL, logs, body temp files) need the rest of the limit.
+worker_connections = 1000
 max_requests = _settings.max_requests
 max_requests_jitter = max(_settings.max_requests // 10, 0)
 

@@ -7,6 +7,17 @@ the server and JSON from the app for the same kind of mistake. These subclasses 
 that function, in the worker process only, for one that writes
 ``{"error": {"code", "message", "field": null}}`` with the same status and reason.
 (meinheld's own error pages come from its C core: see ``falcon_svc.workers``.)
+
+NOTE: neither class times out a slow request head. The sync worker reads it on a
+blocking socket, so a client sending a byte at a time holds the worker until the
+arbiter kills it at ``timeout`` (no heartbeat meanwhile) and starts another. gthread
+waits 5 s for a connection's first bytes without a thread, then parses the head in a
+pool thread with no deadline while its main loop keeps heartbeating: ``threads`` such
+clients stop a worker serving for as long as they like
+(``test_upstream_defect_gthread_slow_request_head_holds_a_thread``). nginx in front
+forwards only whole request heads (its ``client_header_timeout`` guards the rest), and
+the service port is loopback-only, so this matters only to a client on the host.
+meinheld, the default class, has a head deadline: see ``falcon_svc.workers``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from falcon_svc.redact import redact
+
 ACCESS_LOGGER = "falcon_svc.access"
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
@@ -25,13 +27,16 @@ class JSONFormatter(logging.Formatter):
             "ts": _iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            # A safety net for lines we do not write (gunicorn, psycopg, redis-py):
+            # our own messages are redacted where they are built. Off the request
+            # path: the access log bypasses this formatter.
+            "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

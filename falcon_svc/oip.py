@@ -40,7 +40,7 @@ from falcon_svc.tensors import (
     encode_bytes_element,
     encode_fp64_tensor,
 )
-from falcon_svc.validation import is_encodable, require_texts
+from falcon_svc.validation import is_encodable, preview, require_texts
 
 INPUT_NAME = "text"
 OUTPUT_NAMES = ("label", "confidence", "probabilities")
@@ -133,7 +133,7 @@ def requested_outputs(body: dict[str, Any]) -> OutputRequest:
         name = item.get("name")
         if not isinstance(name, str) or name not in OUTPUT_NAMES:
             raise bad_request(
-                f"Unknown output {_preview(name)}; choose from {', '.join(OUTPUT_NAMES)}.", f"{field}.name"
+                f"Unknown output {preview(name)}; choose from {', '.join(OUTPUT_NAMES)}.", f"{field}.name"
             )
         if any(name == seen for seen, _ in wanted):
             raise bad_request(f"The output {name!r} is requested twice.", f"{field}.name")
@@ -263,9 +263,3 @@ def _flag(parameters: dict[str, Any], key: str, field: str, *, default: bool) ->
     if not isinstance(value, bool):
         raise bad_request(f"'{field}.{key}' must be true or false.", f"{field}.{key}")
     return value
-
-
-def _preview(value: Any) -> str:
-    """Show a client's value in a message, cut short: it may be megabytes."""
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."

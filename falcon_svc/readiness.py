@@ -6,6 +6,9 @@ serve: no model loaded, or draining after SIGTERM. A dependency that is down
 classifies, so it should still get traffic, and the detail says what is missing.
 Everything an operator should know but that does not stop traffic (a dummy
 model, the slow scorer, a degraded dependency) is a warning in the detail.
+
+The detail is for the host (``falcon_svc.access``); the public sees only
+``status``: breaker states, spool sizes and the model say too much about us.
 """
 
 from __future__ import annotations
@@ -55,3 +58,8 @@ class Readiness:
         warnings.extend(f"{name} unavailable: serving without it" for name in degraded)
         detail["warnings"] = warnings
         return not reasons, detail
+
+
+def public_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """Return what anyone may see of a readiness report: its ``status`` alone."""
+    return {"status": detail["status"]}

@@ -21,6 +21,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from falcon_svc.access import parse_networks
+from falcon_svc.redact import redact
+
 T = TypeVar("T")
 
 WORKER_CLASSES = {
@@ -34,7 +37,11 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 class SettingsError(ValueError):
-    """A configuration value is missing or invalid."""
+    """A configuration value is missing or invalid; its message never shows a password."""
+
+    def __init__(self, message: str) -> None:
+        # NOTE: messages quote the bad value, and a URL's value may carry a password.
+        super().__init__(redact(message))
 
 
 def _check_bind(key: str, bind: str) -> None:
@@ -51,6 +58,36 @@ def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in schemes or not rest:
         raise SettingsError(f"{key}={url!r} must start with one of {', '.join(s + '://' for s in schemes)}")
+
+
+def _check_networks(key: str, spec: str) -> None:
+    """Accept comma-separated CIDR networks, each with no host bits set (``10.0.0.0/8``)."""
+    try:
+        parse_networks(spec)
+    except ValueError as ex:
+        raise SettingsError(f"{key}={spec!r} must be comma-separated networks like 10.0.0.0/8 ({ex})") from ex
+
+
+def _check_database_url(key: str, url: str) -> None:
+    """Refuse a PostgreSQL URL that libpq cannot parse, without quoting libpq.
+
+    NOTE: libpq's parse errors quote the offending token, and for a badly
+    percent-encoded password that token is the password itself
+    ("invalid percent-encoded token: ..."), which no redaction can spot. Parsed
+    here, the service never logs such an error later, in every worker.
+    """
+    _check_url(key, url, ("postgresql", "postgres"))
+    import psycopg  # NOTE: here, not at the top: the gunicorn master has little use for it.
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        # NOTE: "from None": a chained cause would print libpq's message in any traceback.
+        raise SettingsError(
+            f"{key}={url!r} is not a connection URI libpq can read "
+            "(check the host, the port, the query and the %-encoding of the user and password)"
+        ) from None
 
 
 def _url(*schemes: str) -> Callable[[str, str], None]:
@@ -106,9 +143,10 @@ class Settings:
     cache_redis_min_chars: int = _setting(256, minimum=0, maximum=10**7)
     idempotency_ttl_seconds: int = _setting(86_400, minimum=1, maximum=30 * 86400)
     idempotency_lock_seconds: int = _setting(30, minimum=1, maximum=3600)
+    idempotency_max_response_bytes: int = _setting(262_144, minimum=1024, maximum=16 * 1024 * 1024)
     # PostgreSQL: the request log
     request_log_enabled: bool = True
-    database_url: str = _setting("postgresql://falcon@127.0.0.1:5432/falcon", check=_url("postgresql", "postgres"))
+    database_url: str = _setting("postgresql://falcon@127.0.0.1:5432/falcon", check=_check_database_url)
     log_buffer_max: int = _setting(1000, minimum=1, maximum=10**7)
     log_batch_size: int = _setting(200, minimum=1, maximum=100_000)
     log_flush_interval_ms: int = _setting(200, minimum=1, maximum=60_000)
@@ -125,6 +163,8 @@ class Settings:
     instance_name: str = dataclasses.field(default_factory=socket.gethostname)
     log_level: str = _setting("info", choices=LOG_LEVELS)
     access_log: bool = True
+    # Internal endpoints: who sees /metrics and the detail of /readyz and /v1/models (falcon_svc/access.py)
+    metrics_allowed_networks: str = _setting("127.0.0.0/8,::1/128", check=_check_networks)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -200,5 +240,5 @@ _PARSERS: dict[Any, Callable[[str, str, Mapping[str, Any]], Any]] = {
 
 
 def describe(settings: Settings) -> dict[str, Any]:
-    """Return the settings as a JSON-friendly dict for the start-up log line."""
-    return {field.name: str(getattr(settings, field.name)) for field in dataclasses.fields(settings)}
+    """Return the settings as a JSON-friendly dict for ``falcon-svc check``, passwords hidden."""
+    return {field.name: redact(getattr(settings, field.name)) for field in dataclasses.fields(settings)}

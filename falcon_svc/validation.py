@@ -14,11 +14,13 @@ import falcon
 from falcon.typing import ReadableIO
 
 from falcon_svc.errors import APIError, invalid_input
-from falcon_svc.text import normalize
+from falcon_svc.text import expanded_length, normalize
 
 JSON_MEDIA_TYPES = ("application/json",)
-# Raw texts longer than this many times the limit are refused before normalising.
-RAW_LENGTH_FACTOR = 4
+# Raw texts longer than this many times the limit are refused before normalising
+# (``text.expanded_length``): room for whitespace that normalising collapses, and
+# a bound on normalising's CPU (under 10 ms for any text; docs/SECURITY.md).
+RAW_LENGTH_FACTOR = 2
 
 
 def read_json(req: falcon.Request, max_bytes: int) -> Any:
@@ -103,7 +105,7 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, An
     obj = dict(pairs)
     if len(obj) != len(pairs):
         duplicate = _first_repeated(key for key, _ in pairs)
-        raise _NotStrictJSONError(f"the key {duplicate!r} appears more than once in one object")
+        raise _NotStrictJSONError(f"the key {preview(duplicate)} appears more than once in one object")
     return obj
 
 
@@ -163,12 +165,16 @@ def require_text(value: Any, field: str, max_chars: int) -> str:
         raise invalid_input(f"'{field}' is required.", field)
     if not isinstance(value, str):
         raise invalid_input(f"'{field}' must be a string, not {_json_type(value)}.", field)
-    if len(value) > RAW_LENGTH_FACTOR * max_chars:
+    raw_limit = RAW_LENGTH_FACTOR * max_chars
+    raw_length = len(value) if len(value) > raw_limit else expanded_length(value)
+    if raw_length > raw_limit:
         # NOTE: checked before NFKC, which can multiply a text's length by 18
-        # (U+FDFA) and would otherwise burn a second of CPU on a 2 MB body.
+        # (U+FDFA); counting such characters at their expanded length keeps
+        # normalising any accepted text under 10 ms of CPU (docs/SECURITY.md).
         raise invalid_input(
-            f"'{field}' is {len(value)} characters; the limit is {max_chars} after normalisation "
-            f"and {RAW_LENGTH_FACTOR * max_chars} before.",
+            f"'{field}' is {raw_length} characters (counting any that NFKC expands more than twofold, "
+            f"like U+FDFA, at their expanded length); the limit is {max_chars} after normalisation "
+            f"and {raw_limit} before.",
             field,
         )
     text = normalize(value)
@@ -203,6 +209,12 @@ def is_encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def preview(value: Any) -> str:
+    """Show a client's value in a message, cut short: it may be megabytes, which the error must not echo."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def _json_type(value: Any) -> str:

@@ -24,7 +24,14 @@ can fix them: its own errors (a body over ``max_content_length``, a malformed re
 are HTML pages, and it answers ``Expect: 100-continue`` only after the whole body has
 arrived, which the client holds back until it gets the 100 (a 1 s stall with curl).
 ``scripts/meinheld/install.sh`` builds meinheld with our patches for both, as
-``1.0.2+falcon.1``; ``check_config`` warns when the stock build is installed.
+``1.0.2+falcon.2``; ``check_config`` warns when the stock build is installed.
+
+The same build fixes what a client can do to a worker's file descriptors: a request
+line and headers must arrive within ``header_timeout_seconds`` (upstream re-arms 30 s
+on every byte, so a client dribbling its headers held a descriptor for ever), and a
+worker out of descriptors (EMFILE) accepts and closes new connections, and serves
+again once some close, where upstream stopped its server and so the worker.
+Connections past ``worker_connections`` are closed at once (``set_picoev_max_fd``).
 """
 
 from __future__ import annotations
@@ -50,7 +57,15 @@ from meinheld import server
 MIN_TIMEOUT_SECONDS = 3
 
 # The build of meinheld that scripts/meinheld/install.sh makes, with our C patches.
-PATCHED_MEINHELD_VERSION = "1.0.2+falcon.1"
+PATCHED_MEINHELD_VERSION = "1.0.2+falcon.2"
+
+# Seconds a connection has to send its whole request line and headers, from its
+# accept (a kept-alive connection: from its last response, so keepalive, when
+# shorter, wins). nginx sends a request head in one write, and its own
+# client_header_timeout (60 s) guards the slow clients it serves, so 10 s is
+# generous for anything legitimate and bounds how long a slowloris client holds a
+# descriptor. meinheld caps it at 120 s (its timer wheel).
+HEADER_TIMEOUT_SECONDS = 10
 
 # The signals meinheld's server.run() takes over with its own C handlers.
 _SIGNALS_MEINHELD_TAKES = (signal.SIGTERM, signal.SIGINT)
@@ -121,6 +136,8 @@ class MeinheldWorker(Worker):
     # whole body before the app runs). None keeps meinheld's own 16 MiB; the service
     # sets MAX_BODY_BYTES here (gunicorn_conf.post_worker_init) so both limits agree.
     max_body_bytes: int | None = None
+    # See HEADER_TIMEOUT_SECONDS; a hook (post_worker_init) may change it per worker.
+    header_timeout_seconds: int = HEADER_TIMEOUT_SECONDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # NOTE: this runs in the master, before fork: nothing process-wide here.
@@ -143,7 +160,8 @@ class MeinheldWorker(Worker):
         if installed != PATCHED_MEINHELD_VERSION:
             log.warning(
                 "meinheld %s is not our patched build %s: its own errors (413 over the body limit, "
-                "400) will be HTML and 'Expect: 100-continue' stalls; install it with "
+                "400) will be HTML, 'Expect: 100-continue' stalls, slow request heads are never "
+                "timed out and running out of file descriptors stops the worker; install it with "
                 "scripts/meinheld/install.sh",
                 installed,
                 PATCHED_MEINHELD_VERSION,
@@ -158,6 +176,10 @@ class MeinheldWorker(Worker):
         # Skip the per-request Python call when gunicorn would drop the line anyway.
         server.set_access_logger(adapter if getattr(self.log, "access_log_enabled", True) else None)
         server.set_keepalive(self.cfg.keepalive)
+        self._set_header_timeout()
+        # NOTE: this caps the descriptor *number* picoev watches, not a count: the
+        # worker's own descriptors (listen socket, logs, Redis, PostgreSQL) come
+        # first, and connections numbered past it are closed at once (patched build).
         server.set_picoev_max_fd(self.cfg.worker_connections)
         if self.max_body_bytes is not None:
             server.set_max_content_length(self.max_body_bytes)
@@ -185,6 +207,18 @@ class MeinheldWorker(Worker):
         # when meinheld's own handler still held it: a quick exit either way.
         with contextlib.suppress(KeyboardInterrupt):
             server.run(app)
+
+    def _set_header_timeout(self) -> None:
+        """Give request heads a deadline, loudly doing without on a build that cannot."""
+        set_header_timeout = getattr(server, "set_header_timeout", None)
+        if set_header_timeout is None:
+            self.log.warning(
+                "meinheld %s has no header timeout: slow clients can hold connections for ever; "
+                "install it with scripts/meinheld/install.sh",
+                metadata.version("meinheld"),
+            )
+            return
+        set_header_timeout(self.header_timeout_seconds)
 
     def _recycling(self, app: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap the app to drain and exit after max_requests, as gunicorn's own workers do.

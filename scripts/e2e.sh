@@ -101,7 +101,7 @@ write_inventory() {
     umask 077
     {
       echo '[falcon]'
-      printf "e2ehost ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null' grafana_install_package=false%s\n" \
+      printf "e2ehost ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null' grafana_install_package=false prometheus_alertmanager_notify=false%s\n" \
         "$SSH_PORT" "$KEY" "$secrets"
     } >"$INVENTORY"
   )

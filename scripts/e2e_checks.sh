@@ -78,7 +78,8 @@ check_http() {
   out=$(post batch /infer/batch '{"texts": ["I love it", "I hate it", "It is on the table"]}')
   check "POST /infer/batch: 3 results ($out, $(py 'len(d.get("results", []))' "$WORK/batch.json"))" \
     test "$out" = "200 application/json" -a "$(py 'len(d["results"])' "$WORK/batch.json")" = 3
-  curl -sS -m 10 -o "$WORK/models.json" "$URL/v1/models"
+  # The model's kind and scorer are internal detail: ask a worker on the host's loopback.
+  ssh_cmd "curl -sS -m 10 http://127.0.0.1:8001/v1/models" >"$WORK/models.json"
   local model
   model=$(py '" ".join(str(d["models"][0][k]) for k in ("kind", "version", "scorer"))' "$WORK/models.json")
   check "the trained model serves with the compiled scorer, not the dummy ($model)" \
@@ -96,6 +97,14 @@ check_http() {
     test "$out" = "413 application/json" -a "$(py 'd["error"]["code"]' "$WORK/big.json")" = payload_too_large
   out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/metrics")
   check "workers' /metrics not exposed through nginx ($out)" test "$out" = 404
+  out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/metrics/")
+  check "nor /metrics/ ($out)" test "$out" = 404
+  curl -sS -m 10 -o "$WORK/public_readyz.json" "$URL/readyz"
+  check "/readyz through nginx says status only ($(cat "$WORK/public_readyz.json"))" \
+    test "$(py 'sorted(d)' "$WORK/public_readyz.json")" = "['status']"
+  curl -sS -m 10 -o "$WORK/public_models.json" "$URL/v1/models"
+  check "/v1/models through nginx: name, version, labels only" \
+    test "$(py 'sorted(d["models"][0])' "$WORK/public_models.json")" = "['labels', 'name', 'version']"
   check "GET / through nginx: the demo page" grep -q 'src="/static/app.js"' <(curl -sS -m 10 "$URL/")
   out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/docs/swagger-ui-bundle.js")
   check "GET /docs/swagger-ui-bundle.js through nginx ($out)" test "$out" = 200

@@ -1,11 +1,14 @@
 """The idempotency middleware: applies ``IdempotencyStore`` to POST requests with ``X-Idempotency-Key``.
 
 What a replay, a conflict and a mismatch answer is described in ``falcon_svc.idempotency``.
+A 2xx response over ``IDEMPOTENCY_MAX_RESPONSE_BYTES`` is answered but not
+stored: the key is released and ``Idempotency-Status: not-stored`` says so.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 import falcon
@@ -22,7 +25,11 @@ from falcon_svc.idempotency import (
     fingerprint,
     validate_key,
 )
+from falcon_svc.settings import Settings
 from falcon_svc.validation import read_body
+
+logger = logging.getLogger(__name__)
+NOT_STORED = "not-stored"
 
 
 def _refusal(outcome: Outcome) -> APIError:
@@ -41,9 +48,10 @@ def _refusal(outcome: Outcome) -> APIError:
 class IdempotencyMiddleware:
     """Apply ``IdempotencyStore`` to POST requests that carry the header."""
 
-    def __init__(self, store: IdempotencyStore, max_body_bytes: int) -> None:
+    def __init__(self, store: IdempotencyStore, settings: Settings) -> None:
         self._store = store
-        self._max_body = max_body_bytes
+        self._max_body = settings.max_body_bytes
+        self._max_response = settings.idempotency_max_response_bytes
 
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
@@ -77,6 +85,19 @@ class IdempotencyMiddleware:
         try:
             if req_succeeded and 200 <= resp.status_code < 300:
                 body = resp.render_body() or b""
+                if len(body) > self._max_response:
+                    # NOTE: not stored, so that no request can fill Redis: a large
+                    # reply stored under many keys would evict the cache and other
+                    # clients' keys (Redis runs as an LRU). A retry computes again.
+                    resp.set_header(STATUS_HEADER, NOT_STORED)
+                    logger.info(
+                        "idempotent response of %d bytes not stored (IDEMPOTENCY_MAX_RESPONSE_BYTES=%d)",
+                        len(body),
+                        self._max_response,
+                        extra={"idempotency_key": claim.key},
+                    )
+                    self._store.release(claim)
+                    return
                 headers = {
                     "X-Request-ID": req.context.request_id,
                     "Content-Type": resp.content_type or falcon.MEDIA_JSON,

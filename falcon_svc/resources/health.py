@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import falcon
 
-from falcon_svc.readiness import Readiness
+from falcon_svc.access import InternalAccess
+from falcon_svc.readiness import Readiness, public_detail
 
 
 class LivenessResource:
@@ -18,14 +19,19 @@ class LivenessResource:
 
 
 class ReadinessResource:
-    """``GET /readyz``: 200 when the model is loaded and the worker is not draining."""
+    """``GET /readyz``: 200 when the model is loaded and the worker is not draining.
 
-    def __init__(self, readiness: Readiness) -> None:
+    The status code and ``status`` are public; the detail (reasons, model,
+    breakers, spool, warnings) goes to internal clients only (``falcon_svc.access``).
+    """
+
+    def __init__(self, readiness: Readiness, access: InternalAccess) -> None:
         self._readiness = readiness
+        self._access = access
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         ready, detail = self._readiness.report()
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
-        resp.media = detail
+        resp.media = detail if self._access.allows(req.remote_addr, req.headers) else public_detail(detail)
 
     on_head = on_get

@@ -1,4 +1,4 @@
-"""``GET /v1/models``: what is loaded, for operators and clients."""
+"""``GET /v1/models``: what is loaded, for clients (public) and operators (internal)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ from typing import Any
 
 import falcon
 
+from falcon_svc.access import InternalAccess
 from falcon_svc.model import Model
+
+# What any client may know of a model: enough to call it and read its answers.
+PUBLIC_FIELDS = ("name", "version", "labels")
 
 
 class ModelsResource:
-    """List the loaded model with its metadata (one model per service)."""
+    """List the loaded model (one model per service): name, version, labels; internal clients get the metadata too."""
 
-    def __init__(self, model: Model) -> None:
-        self._body = {"models": [model_entry(model)]}
+    def __init__(self, model: Model, access: InternalAccess) -> None:
+        self._access = access
+        internal = model_entry(model)
+        self._internal_body = {"models": [internal]}
+        self._public_body = {"models": [{name: internal[name] for name in PUBLIC_FIELDS}]}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self._body
+        internal = self._access.allows(req.remote_addr, req.headers)
+        resp.media = self._internal_body if internal else self._public_body
 
 
 def model_entry(model: Model) -> dict[str, Any]:
-    """Return ``model``'s public description: its summary, then its labels and metadata."""
+    """Return ``model``'s internal description: its summary, then its labels and metadata (training config)."""
     return {**model.summary(), "labels": list(model.labels), "metadata": _without_absolute_paths(model.metadata)}
 
 
@@ -29,8 +37,8 @@ def _without_absolute_paths(value: Any) -> Any:
     """Return ``value`` with every absolute path cut to its file name.
 
     NOTE: artifacts trained before 2026-12 recorded where their evaluation sets
-    lay on the training machine; a public endpoint should not tell anyone the
-    layout of our file systems.
+    lay on the training machine; even the host's operators need not read the
+    layout of the training machine's file systems.
     """
     if isinstance(value, dict):
         return {key: _without_absolute_paths(item) for key, item in value.items()}

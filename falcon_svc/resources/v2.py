@@ -106,8 +106,9 @@ class V2InferResource:
         check_model(model, name, version)
         body, binary = self._read(req)
         reply_id = client_id(body.get("id"))
-        texts = decode_texts(body, binary, self._settings.max_batch_size, self._settings.max_text_chars)
+        # The outputs first: checking them is cheap, normalising the texts is not.
         wanted = requested_outputs(body)
+        texts = decode_texts(body, binary, self._settings.max_batch_size, self._settings.max_text_chars)
         results = self._classifier.classify(texts)
         req.context.inference = Inference(texts, results, model.version)
         reply, blobs = self._encoder.reply(

@@ -110,9 +110,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture
-def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
-    """Start gunicorn masters on demand; kill every one of them at teardown."""
+@contextlib.contextmanager
+def gunicorn_masters(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """Start gunicorn masters on demand; kill every one of them on the way out."""
     started: list[Gunicorn] = []
 
     def start(
@@ -122,10 +122,15 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         graceful_timeout: int = 10,
         keepalive: int = 1,
         boot_gate: Path | None = None,
+        config: Path | None = None,
+        nofile_limit: int | None = None,
+        worker_connections: int | None = None,
     ) -> Gunicorn:
         """Start a master; return once a worker serves, or, with a boot gate, once it listens.
 
         With ``boot_gate``, every worker waits while loading the app until that file exists.
+        ``config`` is a gunicorn config file (for hooks); ``nofile_limit`` caps
+        RLIMIT_NOFILE for the master and so its workers, as systemd's LimitNOFILE= does.
         """
         port = _free_port()
         log_path = tmp_path / f"gunicorn-{port}.log"
@@ -134,7 +139,10 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
         env["SLEEPY_APP_MARK_DIR"] = str(tmp_path)
         if boot_gate is not None:
             env["SLEEPY_APP_BOOT_GATE"] = str(boot_gate)
+        # NOTE: prlimit(1) rather than a preexec_fn, which is unsafe while the test has threads.
+        limit = ["prlimit", f"--nofile={nofile_limit}:{nofile_limit}", "--"] if nofile_limit else []
         command = [
+            *limit,
             sys.executable, "-m", "gunicorn",
             "--chdir", str(APPS_DIR),
             "--bind", f"127.0.0.1:{port}",
@@ -145,6 +153,8 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
             "--keep-alive", str(keepalive),
             "--no-control-socket",
             "--log-level", "info",
+            *(["--config", str(config)] if config is not None else []),
+            *(["--worker-connections", str(worker_connections)] if worker_connections else []),
             "sleepy_app:app",
         ]  # fmt: skip
         log_file = log_path.open("wb")
@@ -170,9 +180,18 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
                 time.sleep(0.1)
         pytest.fail(f"gunicorn did not serve within {BOOT_SECONDS} s:\n{server.log()}")
 
-    yield start
-    for server in started:
-        server.kill_group()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill_group()
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """Start gunicorn masters on demand; kill every one of them at teardown."""
+    with gunicorn_masters(tmp_path) as start:
+        yield start
 
 
 def _in_background(call: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:

@@ -271,9 +271,43 @@ def test_access_log_is_one_json_object_per_line(proxy):
     assert ours[0]["uri"] == "/healthz" and ours[0]["method"] == "GET" and ours[0]["status"] == 200, ours[0]
 
 
-def test_worker_metrics_are_not_public(proxy):
-    status, _, body = call(proxy.port, "GET", "/metrics")
-    assert status == 404 and body["error"]["code"] == "not_found", body
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/metrics",
+        "/metrics/",
+        "/METRICS",
+        "/Metrics/",
+        "/%6detrics",
+        "/%6D%65trics/",
+        "//metrics",
+        "/metrics/.",
+        "/./metrics",
+        "/static/../metrics",
+        "/metrics?x",
+        "/metrics/?name[]=falcon_http_requests_total",
+        "/metrics%2F",
+    ],
+)
+def test_worker_metrics_are_not_public(proxy, path):
+    request_id = uuid.uuid4().hex
+    status, headers, body = call(proxy.port, "GET", path, headers={"X-Request-ID": request_id})
+    assert status == 404 and headers["Content-Type"].startswith("application/json"), (status, str(body)[:300])
+    assert body["error"]["code"] == "not_found", body
+    # nginx's own layer: it answered without asking a worker (the app refuses these too).
+    entries = proxy.log_entries(lambda es: any(e["request_id"] == request_id for e in es))
+    (entry,) = [e for e in entries if e["request_id"] == request_id]
+    assert entry["upstream_addr"] == "", f"nginx passed {path} to a worker: {entry}"
+
+
+def test_readyz_through_nginx_says_status_only(proxy):
+    status, _, body = call(proxy.port, "GET", "/readyz")
+    assert status == 200 and body == {"status": "ready"}, body
+
+
+def test_models_through_nginx_show_no_training_metadata(proxy):
+    status, _, body = call(proxy.port, "GET", "/v1/models")
+    assert status == 200 and [set(entry) for entry in body["models"]] == [{"name", "version", "labels"}], body
 
 
 def test_stub_status_answers_on_the_loopback_status_port(proxy):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tools import require_tool
 
 from falcon_svc.settings import Settings
 
@@ -133,6 +134,11 @@ def _yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def _yaml_list(path: Path) -> list[dict[str, Any]]:
+    """A task file: a list of tasks."""
+    return yaml.safe_load(path.read_text()) or []
+
+
 def _template_keys() -> set[str]:
     """Keys the env template writes itself, from this role's variables (MODEL_DIR, the URLs...)."""
     return set(re.findall(r"^([A-Z][A-Z0-9_]*)=", ENV_TEMPLATE.read_text(), re.MULTILINE))
@@ -150,19 +156,23 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return dict(pairs)
 
 
-def _play(tmp_path: Path, tasks: list[dict[str, Any]], hosts: dict[str, dict[str, Any]]) -> str:
-    """Run ``tasks`` on local hosts that have the falcon_svc role's defaults and vars plus their own.
+def _play(
+    tmp_path: Path, tasks: list[dict[str, Any]], hosts: dict[str, dict[str, Any]], *args: str, role: Path = FALCON_ROLE
+) -> str:
+    """Run ``tasks`` on local hosts that have the role's defaults and vars plus their own.
 
-    The role's variables go in as group vars, so each host's own vars win over them.
-    Returns the output, which ends with the play recap.
+    The role's variables go in as group vars, so each host's own vars win over them;
+    ``args`` go to ansible-playbook (``--diff``). Returns the output, which ends with the play recap.
     """
-    group_vars = {**_yaml(FALCON_ROLE / "defaults" / "main.yml"), **_yaml(FALCON_ROLE / "vars" / "main.yml")}
+    group_vars = {**_yaml(role / "defaults" / "main.yml")}
+    if (role / "vars" / "main.yml").is_file():
+        group_vars |= _yaml(role / "vars" / "main.yml")
     group_vars |= {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts, "vars": group_vars}}))
-    play = {"name": "Probe the falcon_svc role", "hosts": "all", "gather_facts": False, "tasks": tasks}
+    play = {"name": f"Probe the {role.name} role", "hosts": "all", "gather_facts": False, "tasks": tasks}
     play["handlers"] = [{"name": "Restart falcon workers", "ansible.builtin.debug": {"msg": "handler ran"}}]
     (tmp_path / "play.yml").write_text(yaml.safe_dump([play], sort_keys=False))
-    result = _run(_tool("ansible-playbook"), "-i", str(tmp_path / "inventory.yml"), str(tmp_path / "play.yml"))
+    result = _run(_tool("ansible-playbook"), *args, "-i", str(tmp_path / "inventory.yml"), str(tmp_path / "play.yml"))
     assert "PLAY RECAP" in result.stdout, result.stdout + result.stderr
     return result.stdout
 
@@ -292,3 +302,261 @@ def test_model_task_judges_training_by_exit_code(tmp_path: Path) -> None:
         assert (bool(recap[host]["changed"]), bool(recap[host]["failed"])) == (changed, failed), (
             f"exit {code} ({host}): expected changed={changed} failed={failed}\n{output}"
         )
+
+
+# --- Secrets: never in an environment or on a command line, never printed ------------
+
+# A variable is a secret when its name says so. The words, and why each is one:
+#   password, passwd, requirepass  passwords (requirepass is Redis's word for its own);
+#   secret, token                  credentials by their other common names;
+#   routing_key, api_key, private_key
+#                                  keys that are credentials (PagerDuty's routing key). A bare
+#                                  "key" is not: item.key, grafana_apt_key_url, dict keys;
+#   pagerduty                      PagerDuty settings carry its key;
+#   smtp_auth                      Alertmanager's SMTP credentials (smtp_auth_password, _secret);
+#   dsn                            a connection string may carry a password (DATA_SOURCE_NAME).
+# A variable whose value refers to a secret is one too (_falcon_svc_database_url holds the
+# writer's password), and so is an attribute with such a name (item.password).
+SECRET_NAME = re.compile(
+    r"password|passwd|requirepass|secret|token|routing_key|api_key|private_key|pagerduty|smtp_auth|dsn",
+    re.IGNORECASE,
+)
+_JINJA = re.compile(r"{{.*?}}|{%.*?%}", re.DOTALL)
+_STRING_LITERAL = re.compile(r"'[^']*'|\"[^\"]*\"")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Task keys whose strings are Jinja expressions without braces.
+_BARE_EXPRESSION_KEYS = {"when", "changed_when", "failed_when", "until", "that"}
+# Modules whose arguments become the remote command line (visible in ps and sudo's log).
+_COMMAND_MODULES = {f"{prefix}{name}" for prefix in ("", "ansible.builtin.") for name in ("command", "shell", "raw")}
+_TEMPLATE_MODULES = {"template", "ansible.builtin.template"}
+_BLOCK_KEYS = ("block", "rescue", "always")
+
+
+def _names_in(value: Any, bare: bool = False) -> set[str]:
+    """Names a task value refers to: identifiers inside Jinja, outside string literals."""
+    if isinstance(value, str):
+        chunks = [value] if bare else _JINJA.findall(value)
+        return {name for chunk in chunks for name in _IDENTIFIER.findall(_STRING_LITERAL.sub("", chunk))}
+    if isinstance(value, dict):
+        return set().union(*(_names_in(item, bare or key in _BARE_EXPRESSION_KEYS) for key, item in value.items()))
+    if isinstance(value, list):
+        return set().union(*(_names_in(item, bare) for item in value))
+    return set()
+
+
+def _secret_variables(ansible_dir: Path) -> set[str]:
+    """Every variable defined in group_vars, defaults or vars that is a secret, or refers to one."""
+    definitions: dict[str, set[str]] = {}
+    sources = [*ansible_dir.glob("group_vars/**/*.yml"), *ansible_dir.glob("roles/*/defaults/*.yml")]
+    for path in [*sources, *ansible_dir.glob("roles/*/vars/*.yml")]:
+        for name, value in _yaml(path).items():
+            definitions.setdefault(name, set()).update(_names_in(value))
+    secrets = {name for name in definitions if SECRET_NAME.search(name)}
+    while grown := {name for name, refs in definitions.items() if refs & secrets} - secrets:
+        secrets |= grown
+    return secrets
+
+
+def _templates_of(task: dict[str, Any], role: Path) -> list[Path]:
+    """The template files a template task renders (all of the role's when src is an expression)."""
+    module = next((key for key in task if key in _TEMPLATE_MODULES), None)
+    if module is None:
+        return []
+    src = task[module]["src"]
+    return sorted((role / "templates").glob("*.j2")) if "{{" in src else [role / "templates" / src]
+
+
+def _secret_leaks(ansible_dir: Path) -> list[str]:
+    """Tasks and handlers that pass a secret in an environment or a command line, or log one."""
+    secrets = _secret_variables(ansible_dir)
+
+    def secret(names: set[str]) -> list[str]:
+        return sorted(name for name in names if name in secrets or SECRET_NAME.search(name))
+
+    leaks: list[str] = []
+
+    def check(tasks: list[dict[str, Any]], role: Path, where: str, no_log: bool) -> None:
+        for task in tasks:
+            label = f"{where}: {task.get('name', '(unnamed)')!r}"
+            if in_env := secret(_names_in(task.get("environment"))):
+                leaks.append(f"{label} puts {in_env} in environment: (use a 0600 file or stdin)")
+            for module in _COMMAND_MODULES & set(task):
+                args = task[module]
+                line = args if isinstance(args, str) else [args.get("cmd"), args.get("argv")]
+                if on_line := secret(_names_in(line)):
+                    leaks.append(f"{label} puts {on_line} on the command line (use stdin or a 0600 file)")
+            logged = no_log or task.get("no_log") is True
+            if any(key in task for key in _BLOCK_KEYS):
+                for key in _BLOCK_KEYS:
+                    check(task.get(key) or [], role, where, logged)
+                continue
+            names = _names_in(task) | {
+                name for path in _templates_of(task, role) for name in _names_in(path.read_text())
+            }
+            if not logged and (used := secret(names)):
+                leaks.append(f"{label} handles {used} without no_log: true (--diff and -v print it)")
+
+    for path in sorted([*ansible_dir.glob("roles/*/tasks/*.yml"), *ansible_dir.glob("roles/*/handlers/*.yml")]):
+        role = path.parents[1]
+        check(yaml.safe_load(path.read_text()) or [], role, str(path.relative_to(ansible_dir)), False)
+    return leaks
+
+
+def test_no_task_passes_a_secret_in_its_environment_or_command_line_or_logs_it() -> None:
+    """ps, /proc and sudo's log show a command's environment and arguments; --diff shows what a task writes."""
+    assert {"falcon_svc_db_owner_password", "_falcon_svc_database_url", "exporters_postgres_dsn"} <= (
+        _secret_variables(ANSIBLE_DIR)
+    ), "the secret variables are not recognised: this check would pass anything"
+    leaks = _secret_leaks(ANSIBLE_DIR)
+    assert not leaks, "secrets can leak:\n" + "\n".join(leaks)
+
+
+# (case, task, what the check must say about it). x_url refers to x_password (group_vars).
+LEAKY_TASKS = [
+    (
+        "env",
+        {"name": "Migrate", "command": "migrate", "environment": {"URL": "{{ x_url }}"}, "no_log": True},
+        "environment",
+    ),
+    ("argv", {"name": "Log in", "command": {"argv": ["psql", "{{ x_password }}"]}, "no_log": True}, "command line"),
+    ("item", {"name": "Write", "ansible.builtin.copy": {"content": "{{ item.password }}", "dest": "/f"}}, "no_log"),
+    ("template", {"name": "Render", "ansible.builtin.template": {"src": "x.j2", "dest": "/f"}}, "no_log"),
+    ("assert", {"name": "Check", "ansible.builtin.assert": {"that": ["x_token | length > 16"]}}, "no_log"),
+    (
+        "block",
+        {"name": "Outer", "block": [{"name": "Inner", "ansible.builtin.debug": {"msg": "{{ x_url }}"}}]},
+        "no_log",
+    ),
+]
+SAFE_TASKS = [
+    {"name": "Write", "ansible.builtin.copy": {"content": "{{ x_password }}", "dest": "/f"}, "no_log": True},
+    {"name": "Outer", "no_log": True, "block": [{"name": "Inner", "ansible.builtin.debug": {"msg": "{{ x_url }}"}}]},
+    {"name": "Migrate", "command": {"cmd": "migrate", "stdin": "{{ x_url }}"}, "no_log": True},
+    {"name": "Loop", "ansible.builtin.debug": {"msg": "{{ item.key }} {{ 'password' }}"}, "loop": "{{ x_names }}"},
+]
+
+
+def _fake_ansible_dir(tmp_path: Path, tasks: list[dict[str, Any]]) -> Path:
+    role = tmp_path / "roles" / "demo"
+    for sub in ("tasks", "templates", "defaults"):
+        (role / sub).mkdir(parents=True)
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "all.yml").write_text("x_password: CHANGE-ME\nx_names: [a, b]\n")
+    (role / "defaults" / "main.yml").write_text("x_url: 'postgresql://u:{{ x_password }}@h/d'\n")
+    (role / "templates" / "x.j2").write_text("URL={{ x_url }}\n")
+    (role / "tasks" / "main.yml").write_text(yaml.safe_dump(tasks))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("task", "complaint"), [case[1:] for case in LEAKY_TASKS], ids=[c[0] for c in LEAKY_TASKS])
+def test_the_secret_check_catches_each_kind_of_leak(tmp_path: Path, task: dict[str, Any], complaint: str) -> None:
+    leaks = _secret_leaks(_fake_ansible_dir(tmp_path, [task]))
+    assert len(leaks) == 1 and complaint in leaks[0], f"expected one {complaint!r} leak for {task}, got {leaks}"
+
+
+def test_the_secret_check_accepts_no_log_stdin_and_names_that_are_not_secrets(tmp_path: Path) -> None:
+    assert _secret_leaks(_fake_ansible_dir(tmp_path, SAFE_TASKS)) == []
+
+
+# --- Alertmanager: no placeholder receivers when alerts notify, mail over TLS only ---------
+
+PROMETHEUS_ROLE = ANSIBLE_DIR / "roles" / "prometheus"
+PAGERDUTY_KEY = "R0ut1ngKey0123456789abcdefABCDEF"  # the shape of a real one: 32 letters and digits
+REAL_RECEIVERS = {
+    "prometheus_alertmanager_pagerduty_routing_key": PAGERDUTY_KEY,
+    "prometheus_alertmanager_email_to": "oncall@alerts.falcon-svc.io",
+    "prometheus_alertmanager_email_from": "alertmanager@falcon-svc.io",
+    "prometheus_alertmanager_smtp_smarthost": "smtp.falcon-svc.io:587",
+}
+SMTP_PASSWORD = {"prometheus_alertmanager_smtp_auth_password": "smtp-pass-0123456789"}
+# host -> (its variables over REAL_RECEIVERS, whether the preflight must refuse it)
+RECEIVER_CASES = {
+    "real": ({}, False),
+    "notify_off_with_the_defaults": (
+        {key: "" for key in REAL_RECEIVERS} | {"prometheus_alertmanager_notify": False},
+        False,
+    ),
+    "group_vars_placeholder_key": (
+        {"prometheus_alertmanager_pagerduty_routing_key": "CHANGE-ME-use-ansible-vault"},
+        True,
+    ),
+    "repository_placeholder_key": (
+        {"prometheus_alertmanager_pagerduty_routing_key": "REPLACE_WITH_PAGERDUTY_EVENTS_V2_ROUTING_KEY"},
+        True,
+    ),
+    "no_key": ({"prometheus_alertmanager_pagerduty_routing_key": ""}, True),
+    "repository_placeholder_receiver": ({"prometheus_alertmanager_email_to": "falcon-svc-team@example.com"}, True),
+    "repository_placeholder_sender": (
+        {"prometheus_alertmanager_email_from": "alertmanager@falcon-svc.example.com"},
+        True,
+    ),
+    "no_receiver": ({"prometheus_alertmanager_email_to": ""}, True),
+    "no_relay": ({"prometheus_alertmanager_smtp_smarthost": ""}, True),
+    "smtp_login": ({"prometheus_alertmanager_smtp_auth_username": "am", **SMTP_PASSWORD}, False),
+    "smtp_user_without_password": ({"prometheus_alertmanager_smtp_auth_username": "am"}, True),
+    "smtp_password_without_user": (SMTP_PASSWORD, True),
+}
+
+
+def _prometheus_host(**overrides: Any) -> dict[str, Any]:
+    """A local host with the prometheus role's inputs pointing at this checkout."""
+    return {
+        "prometheus_source_config": str(REPO_ROOT / "prometheus" / "prometheus.yml"),
+        "prometheus_source_rules_dir": str(REPO_ROOT / "prometheus" / "rules"),
+        "prometheus_alertmanager_source_config": str(REPO_ROOT / "prometheus" / "alertmanager.yml"),
+        **REAL_RECEIVERS,
+        **overrides,
+    }
+
+
+def test_preflight_refuses_placeholder_receivers_when_alerts_notify(tmp_path: Path) -> None:
+    """With prometheus_alertmanager_notify (the default) a deploy whose pages go nowhere fails up front."""
+    hosts = {host: _prometheus_host(**overrides) for host, (overrides, _) in RECEIVER_CASES.items()}
+    tasks = [
+        {
+            "name": "Run the role's preflight",
+            "ansible.builtin.import_tasks": str(PROMETHEUS_ROLE / "tasks/preflight.yml"),
+        }
+    ]
+    output = _play(tmp_path, tasks, hosts, role=PROMETHEUS_ROLE)
+    recap = _recap(output)
+    for host, (_, refused) in RECEIVER_CASES.items():
+        assert bool(recap[host]["failed"]) == refused, f"{host}: expected refused={refused}\n{output}"
+    assert PAGERDUTY_KEY not in output, "the preflight printed the PagerDuty routing key"
+
+
+def test_alertmanager_config_requires_tls_and_diff_does_not_print_the_secrets(tmp_path: Path) -> None:
+    """Render alertmanager.yml with the role's own task, under --diff: the file has the secrets, the output not."""
+    (task,) = [
+        task
+        for task in _yaml_list(PROMETHEUS_ROLE / "tasks" / "configure.yml")
+        if task["name"].startswith("Write alertmanager.yml")
+    ]
+    task.pop("notify")  # no Alertmanager to reload here
+    copy = task["ansible.builtin.copy"]
+    copy = {key: value for key, value in copy.items() if key not in {"owner", "group"}}
+    copy["dest"] = f"{tmp_path}/{{{{ inventory_hostname }}}}.yml"
+    copy["validate"] = f"{require_tool('amtool', 'prometheus-alertmanager')} check-config %s"
+    task["ansible.builtin.copy"] = copy
+    # The login host's source already requires TLS: the role must handle the file either way.
+    source = tmp_path / "alertmanager-tls.yml"
+    source.write_text((REPO_ROOT / "prometheus" / "alertmanager.yml").read_text().replace("_tls: false", "_tls: true"))
+    login = {"prometheus_alertmanager_smtp_auth_username": "am", **SMTP_PASSWORD}
+    login["prometheus_alertmanager_source_config"] = str(source)
+    hosts = {"no_login": _prometheus_host(), "login": _prometheus_host(**login)}
+    output = _play(tmp_path, [task], hosts, "--diff", role=PROMETHEUS_ROLE)
+    assert not any(counts["failed"] for counts in _recap(output).values()), output
+    for secret in (PAGERDUTY_KEY, SMTP_PASSWORD["prometheus_alertmanager_smtp_auth_password"]):
+        assert secret not in output, f"--diff printed a secret ({secret[:4]}...)"
+    configs = {host: yaml.safe_load((tmp_path / f"{host}.yml").read_text()) for host in hosts}
+    for host, config in configs.items():
+        assert config["global"]["smtp_require_tls"] is True, f"{host}: alert mail must not go out in clear text"
+        assert config["global"]["smtp_smarthost"] == REAL_RECEIVERS["prometheus_alertmanager_smtp_smarthost"]
+        receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+        assert receivers["pager"]["pagerduty_configs"][0]["routing_key"] == PAGERDUTY_KEY
+        assert receivers["team-email"]["email_configs"][0]["to"] == REAL_RECEIVERS["prometheus_alertmanager_email_to"]
+    assert "smtp_auth_username" not in configs["no_login"]["global"], "no login was configured"
+    assert {key: configs["login"]["global"].get(key) for key in ("smtp_auth_username", "smtp_auth_password")} == {
+        "smtp_auth_username": "am",
+        "smtp_auth_password": SMTP_PASSWORD["prometheus_alertmanager_smtp_auth_password"],
+    }

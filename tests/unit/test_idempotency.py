@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import falcon
@@ -267,3 +268,36 @@ class TestMiddleware:
         client, store = serve(settings, counting_model, Claim(Outcome.CONFLICT, "k"))
         assert infer(client, key=None).status_code == 200
         assert store.begun == []
+
+
+class TestResponseCap:
+    """``IDEMPOTENCY_MAX_RESPONSE_BYTES``: a larger reply is answered, not stored, and the key released."""
+
+    CAP = 1024
+
+    @staticmethod
+    def infer_v2(client: falcon.testing.TestClient, model: CountingModel, count: int) -> falcon.testing.Result:
+        """An OIP request with its own id: its reply has the same length every time (no timings in it)."""
+        tensor = {"name": "text", "datatype": "BYTES", "shape": [count], "data": [f"text {i}" for i in range(count)]}
+        body = json.dumps({"id": "order", "inputs": [tensor]})
+        return client.simulate_post(f"/v2/models/{model.name}/infer", body=body, headers={**JSON, HEADER: "order-1"})
+
+    def test_a_reply_over_the_cap_is_answered_not_stored_and_says_so(self, settings, counting_model):
+        claim = Claim(Outcome.FIRST, "falcon:idem:order-1", "fp", "token")
+        client, store = serve(replace(settings, idempotency_max_response_bytes=self.CAP), counting_model, claim)
+        result = self.infer_v2(client, counting_model, 20)
+        assert result.status_code == 200, result.text
+        assert len(result.content) > self.CAP, "the test needs a reply over the cap"
+        assert result.headers.get("idempotency-status") == "not-stored", result.headers
+        assert store.completed == [], "a reply over the cap must not be stored"
+        assert store.released == [claim], "the key must be released, so a retry is computed rather than a 409"
+
+    def test_a_reply_at_the_cap_is_stored(self, settings, counting_model):
+        claim = Claim(Outcome.FIRST, "falcon:idem:order-1", "fp", "token")
+        client, _ = serve(settings, counting_model, claim)
+        size = len(self.infer_v2(client, counting_model, 3).content)
+        client, store = serve(replace(settings, idempotency_max_response_bytes=size), counting_model, claim)
+        result = self.infer_v2(client, counting_model, 3)
+        assert len(result.content) == size, "the same reply, byte for byte in length"
+        assert "idempotency-status" not in result.headers, result.headers
+        assert len(store.completed) == 1 and store.released == [], (store.completed, store.released)

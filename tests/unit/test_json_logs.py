@@ -83,3 +83,17 @@ def test_the_access_line_follows_its_logger_level(access_logger_level):
     stream = io.StringIO()
     AccessLog(stream).write({"request_id": "r-1"})
     assert stream.getvalue() == ""
+
+
+def test_a_password_in_a_message_or_a_traceback_never_reaches_the_line():
+    # Lines from libraries (redis-py, psycopg, gunicorn) are not redacted where they
+    # are written: the formatter is the last place a connection string can be caught.
+    try:
+        raise ConnectionError("cannot connect to postgresql://falcon:s3cret-pw@db:5432/falcon")
+    except ConnectionError:
+        entry = record("retrying %s", "redis://:s3cret-pw@127.0.0.1:6379/0")
+        entry.exc_info = sys.exc_info()
+    parsed = json.loads(JSONFormatter().format(entry))
+    assert "s3cret-pw" not in json.dumps(parsed)
+    assert parsed["msg"] == "retrying redis://:***@127.0.0.1:6379/0"
+    assert "postgresql://falcon:***@db:5432/falcon" in parsed["exc"]

@@ -220,3 +220,58 @@ def test_checks_run_after_every_key_has_parsed():
         Settings.from_env({"BIND": "nowhere", "WORKERS": "0"})
     with pytest.raises(SettingsError, match=r"^REDIS_URL="):
         Settings.from_env({"REDIS_URL": "x", "DATABASE_URL": "y"})
+
+
+SECRET = "pw-0123456789"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"REDIS_URL": f"http://:{SECRET}@cache:6379/0"},
+        {"DATABASE_URL": f"mysql://falcon:{SECRET}@db/falcon"},
+        {"DATABASE_URL": f"host=db user=falcon password={SECRET}"},
+    ],
+)
+def test_a_bad_url_is_named_without_its_password(env):
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    (key,) = env
+    assert key in str(raised.value), raised.value
+    assert SECRET not in str(raised.value), f"the error message shows the password: {raised.value}"
+
+
+def test_describe_hides_url_passwords():
+    settings = Settings.from_env(
+        {"REDIS_URL": f"redis://:{SECRET}@cache:6379/0", "DATABASE_URL": f"postgresql://falcon:{SECRET}@db/falcon"}
+    )
+    described = describe(settings)
+    assert SECRET not in repr(described), f"describe() shows a password: {described}"
+    assert described["redis_url"] == "redis://:***@cache:6379/0", described
+    assert described["database_url"] == "postgresql://falcon:***@db/falcon", described
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/8", "127.0.0.1/32, ::1/128", "192.168.7.0/24,fd00::/8"])
+def test_metrics_allowed_networks_takes_cidr_lists(value):
+    assert Settings.from_env({"METRICS_ALLOWED_NETWORKS": value}).metrics_allowed_networks == value
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1/8", "localhost", "10.0.0.0/33", "127.0.0.0/8;::1/128"])
+def test_metrics_allowed_networks_refuses_what_is_not_a_network(value):
+    with pytest.raises(SettingsError, match="METRICS_ALLOWED_NETWORKS="):
+        Settings.from_env({"METRICS_ALLOWED_NETWORKS": value})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://falcon:ab%zz{SECRET}@db/falcon",  # libpq would quote the raw password
+        f"postgresql://falcon:{SECRET}@[db/falcon",
+        f"postgresql://falcon:{SECRET}@db/falcon?nosuchoption=1",
+    ],
+)
+def test_a_database_url_libpq_cannot_read_is_refused_without_its_password(url):
+    with pytest.raises(SettingsError, match="DATABASE_URL=") as raised:
+        Settings.from_env({"DATABASE_URL": url})
+    assert SECRET not in str(raised.value), f"the error message shows the password: {raised.value}"
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__, "libpq's message rides along"

@@ -147,6 +147,63 @@ def test_install_links_instances_into_the_target():
     assert target["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+# --- Resource limits (sizes measured and explained in the unit's comments) -----------
+# Descriptors a worker needs beyond its client connections: measured ~25 (listen
+# socket, logs, metrics files, Redis, PostgreSQL), plus body temp files; a wide margin.
+WORKER_OWN_DESCRIPTORS = 512
+# Measured peak RSS of one process (master or worker) under load, rounded up, and the
+# worker count the unit's static memory limits are sized for (more needs a drop-in).
+PROCESS_MEMORY_BYTES = 200 * 1024**2
+WORKERS_SIZED_FOR = 4
+# Threads of one worker at most (measured 6 to 11), and the factor for a HUP reload,
+# when new workers start before the old ones leave.
+WORKER_THREADS = 16
+RELOAD_FACTOR = 2
+
+
+def size_bytes(value: str) -> int:
+    """Parse a systemd byte size such as 1G, 1536M or 512K (base 1024)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", value)
+    assert match, f"unexpected byte size {value!r}"
+    return int(match.group(1)) * int(1024 ** "_KMGT".index(match.group(2) or "_"))
+
+
+def worker_connections() -> int:
+    """Read worker_connections from gunicorn_conf.py without importing it (it reads the environment)."""
+    source = (SYSTEMD_DIR.parent / "falcon_svc" / "gunicorn_conf.py").read_text()
+    match = re.search(r"^worker_connections = (\d+)$", source, re.MULTILINE)
+    assert match, "falcon_svc/gunicorn_conf.py no longer sets worker_connections: LimitNOFILE= is sized from it"
+    return int(match.group(1))
+
+
+def test_descriptor_limit_leaves_room_beyond_worker_connections(service: dict[str, list[str]]) -> None:
+    limit = int(one(service, "LimitNOFILE"))
+    needed = worker_connections() + WORKER_OWN_DESCRIPTORS
+    assert limit >= needed, (
+        f"LimitNOFILE={limit} is per process: a worker needs worker_connections ({worker_connections()}) "
+        f"plus {WORKER_OWN_DESCRIPTORS} of its own, so at least {needed}"
+    )
+
+
+def test_memory_is_capped_for_the_instance_and_a_worker_oom_stays_inside_it(service: dict[str, list[str]]) -> None:
+    high, cap = size_bytes(one(service, "MemoryHigh")), size_bytes(one(service, "MemoryMax"))
+    processes = max(Settings().workers, WORKERS_SIZED_FOR) + 1  # and the master
+    assert high >= processes * PROCESS_MEMORY_BYTES, (
+        f"MemoryHigh={high} throttles {processes} processes of {PROCESS_MEMORY_BYTES} bytes each"
+    )
+    assert cap > high, f"MemoryMax={cap} must sit above MemoryHigh={high}, or nothing reclaims before the OOM kill"
+    assert one(service, "MemorySwapMax") == "0", "a grown worker must be killed, not swapped onto the host"
+    assert one(service, "OOMPolicy") == "continue", "an OOM-killed worker is the master's to replace"
+    assert int(one(service, "OOMScoreAdjust")) > 0, "under host pressure a worker goes before PostgreSQL/Redis"
+
+
+def test_tasks_are_capped_above_what_a_reload_needs(service: dict[str, list[str]]) -> None:
+    tasks = int(one(service, "TasksMax"))
+    workers = max(Settings().workers, WORKERS_SIZED_FOR)
+    needed = 1 + RELOAD_FACTOR * workers * WORKER_THREADS
+    assert needed <= tasks, f"TasksMax={tasks} is below the {needed} tasks of a reload with {workers} workers"
+
+
 @pytest.fixture(scope="module")
 def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root holding the units, systemd's own units, and stand-ins for the binaries they run."""

@@ -520,6 +520,24 @@ def test_binary_texts_are_normalised_like_json_ones(settings: Settings, model: M
     assert [row.text for row in log.rows] == ["good day"]
 
 
+def test_outputs_are_checked_before_the_texts_are_normalised(client, model: Model, settings: Settings):
+    """A request the cheap check refuses must not cost a normalisation first (docs/SECURITY.md)."""
+    over_the_raw_bound = "a" * (2 * settings.max_text_chars + 1)
+    body = {**text_input([over_the_raw_bound]), "outputs": [{"name": "probabilities"}] * 2}
+    assert_oip_error(infer(client, model, body), 400, "invalid_request", "outputs[1].name")
+
+
+def test_combining_marks_reach_the_model_stream_safe(settings: Settings, model: Model):
+    log = RecordingRequestLog()
+    app = create_app(settings, model, dependencies=Dependencies(request_log=log), worker_id="test:1")
+    marks = "\u0301" * 31 + "\u0316" * 31
+    assert infer(falcon.testing.TestClient(app), model, text_input(["a" + marks])).status_code == 200
+    (row,) = log.rows
+    # A joiner after each 30 marks; NFKC composes a + U+0301 and sorts the marks within each
+    # stretch only (U+0316, class 220, before U+0301, class 230).
+    assert row.text == "\u00e1" + "\u0301" * 29 + "\u034f" + "\u0316" * 29 + "\u0301" + "\u034f" + "\u0316" * 2
+
+
 # --- the codec on its own -------------------------------------------------------------------------
 
 

@@ -152,6 +152,12 @@ class TestStrictJSON:
         assert error.code == "invalid_json"
         assert "the key 'b' appears more than once" in error.description
 
+    def test_a_long_duplicated_key_is_named_cut_short(self):
+        """The error must not echo megabytes: the body would be an amplifier."""
+        key = "k" * 100_000
+        error = raised(parse_json, f'{{"{key}": 1, "{key}": 2}}'.encode())
+        assert "'kkkk" in error.description and len(error.description) < 200, error.description[:300]
+
 
 # How each JSON type is named in a 422, and a check that meets it.
 JSON_TYPES = [
@@ -207,6 +213,21 @@ class TestTextLength:
         assert error.description.endswith(
             f"the limit is {self.MAX_CHARS} after normalisation and {RAW_LENGTH_FACTOR * self.MAX_CHARS} before."
         )
+
+    def test_a_character_nfkc_expands_counts_at_its_expanded_length_before_normalising(self, monkeypatch):
+        # U+FDFA is 18 characters under NFKC: one is over a raw bound of 10, and
+        # refusing it must not cost a normalisation.
+        monkeypatch.setattr("falcon_svc.validation.normalize", lambda text: pytest.fail("normalised first"))
+        error = raised(require_text, "\ufdfa", "text", self.MAX_CHARS)
+        assert error.field == "text"
+        assert error.description.startswith("'text' is 18 characters (counting any that NFKC expands"), (
+            error.description
+        )
+        assert error.description.endswith(f"and {RAW_LENGTH_FACTOR * self.MAX_CHARS} before."), error.description
+
+    def test_a_long_run_of_combining_marks_is_accepted_stream_safe(self):
+        text = require_text("a" + "\u0301" * 40, "text", 100)
+        assert text == "\u00e1" + "\u0301" * 29 + "\u034f" + "\u0301" * 10
 
     def test_a_normalised_text_at_the_limit_is_accepted_and_one_more_is_not(self):
         assert require_text("abcde", "text", self.MAX_CHARS) == "abcde"
