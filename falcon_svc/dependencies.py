@@ -178,7 +178,11 @@ def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
         )
     request_log = RequestLog(
         PostgresWriter(settings.database_url),
-        Spool(settings.log_spool_dir, settings.log_spool_max_bytes),
+        Spool(
+            settings.log_spool_dir,
+            settings.log_spool_max_bytes,
+            rejected_retention=settings.log_rejected_retention_days * 86_400.0,
+        ),
         breaker,
         RetryPolicy(
             max_attempts=settings.retry_max_attempts,

@@ -2,15 +2,23 @@
 
 The first request with a key claims it in Redis (``SET NX`` with a short lock
 TTL) and, once answered with a 2xx, stores its response with a fingerprint of the
-request (method, path, canonical body) for ``IDEMPOTENCY_TTL_SECONDS``. Later:
+request (method, path, media type, canonical body) for ``IDEMPOTENCY_TTL_SECONDS``.
+A key is scoped per route and per client (``scoped_key``): the same key on another
+route, or from another client, is another key. Later, under the same scoped key:
 
 - same key, same fingerprint, stored: the stored response, as it was, with
   ``Idempotent-Replayed: true``;
-- same key, other fingerprint: 422, nothing computed;
+- same key, other fingerprint (another body, or the same body with another
+  Content-Type): 422, nothing computed;
 - same key while the first is still in flight: 409 with ``Retry-After: 1``
   (chosen over waiting: a sync worker that waits holds a whole process);
 - Redis down or its breaker open: the request proceeds without idempotency, and
   ``Idempotency-Status: unavailable`` plus a metric say so.
+
+A record Redis evicts (``maxmemory`` reached under an ``allkeys-*`` policy) is
+simply gone: a duplicate of a pending request, or a retry of a completed one, is
+computed again. Only a Redis that never evicts these records (``noeviction``, in
+an instance of their own) makes the guarantee hold; docs/RUNBOOK.md says how.
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ STATUS_HEADER = "Idempotency-Status"
 # Response headers a replay must carry to be read as the original was.
 REPLAYED_RESPONSE_HEADERS = ("Inference-Header-Content-Length",)
 _VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# NOTE: no ":" in a client scope, so "<route>:<client>:<key>" cannot be read two ways
+# (the key, last, may hold ":"; the route is a hex digest).
+_VALID_CLIENT_SCOPE = re.compile(r"[A-Za-z0-9._-]{0,64}")
+# NOTE: "idem2" since 2026-12, when keys became scoped per route and client and the
+# fingerprint took in the media type. Records under the old "falcon:idem:<key>" are
+# never read again: they expire within IDEMPOTENCY_TTL_SECONDS (24 h), so a retry
+# that straddles the deploy is computed once more. A new prefix rather than a new
+# segment under the old one, so no old client-chosen key can look like a new key.
+KEY_PREFIX = "falcon:idem2"
 # Anything else a Redis call raises is a bug, and propagates.
 _REDIS_ERRORS = (redis.RedisError,)
 
@@ -95,16 +112,65 @@ def validate_key(value: str) -> str:
     return value
 
 
-def fingerprint(method: str, path: str, body: bytes) -> str:
-    """Hash the request: JSON bodies canonically (key order and spacing do not matter)."""
-    try:
-        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        canonical = body
-    digest = hashlib.sha256()
-    for part in (method.encode(), b"\n", path.encode(), b"\n", canonical):
-        digest.update(part)
+def scoped_key(path: str, client_scope: str, key: str) -> str:
+    """Return the client's key as stored: scoped per route and per client.
+
+    Scoped, so that the same key on /infer and /infer/batch is two independent
+    requests, and so that (once API keys exist) one client can neither read
+    another's stored answer nor squat a key another will use. ``client_scope`` is
+    empty until authentication fills it (``req.context.client_id``).
+
+    Raises:
+        ValueError: ``client_scope`` is not 0 to 64 of ``A-Z a-z 0-9 . _ -``
+            (it comes from our authentication, never from the request as sent).
+    """
+    if not _VALID_CLIENT_SCOPE.fullmatch(client_scope):
+        raise ValueError(f"client scope {client_scope[:80]!r} is not 0 to 64 of A-Z a-z 0-9 . _ -")
+    route = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{route}:{client_scope}:{key}"
+
+
+def media_type(content_type: str | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Return ``content_type`` normalised: the type and parameter names lowercased, parameters sorted.
+
+    Quotes around a value and the case of ``charset`` do not change what a body
+    means, so they do not change the fingerprint; no Content-Type at all is ``("", ())``.
+    A tuple rather than a string, so no parameter value can pass for another parameter.
+    """
+    if not content_type:
+        return "", ()
+    value, params = falcon.parse_header(content_type)
+    normalised = {name.lower(): (v.lower() if name.lower() == "charset" else v) for name, v in params.items()}
+    return value.strip().lower(), tuple(sorted(normalised.items()))
+
+
+def fingerprint(
+    method: str, path: str, content_type: str | None, body: bytes, *, header_length: str | None = None
+) -> str:
+    """Hash the request: what it asks for, and how its body is to be read.
+
+    The media type counts (the same bytes as another type are another request),
+    and so does ``Inference-Header-Content-Length`` (``header_length``), which
+    says where an OIP binary body's JSON ends. A body that is wholly JSON is hashed
+    canonically (key order and spacing do not matter); a binary-extension body,
+    or one that is not JSON, as its bytes.
+    """
+    canonical = body if header_length is not None else _canonical_json(body)
+    # NOTE: the fields as one JSON array, so no path (percent-decoded, it may hold a
+    # newline) can run into the media type.
+    fields = [method, path, media_type(content_type), header_length]
+    digest = hashlib.sha256(json.dumps(fields, ensure_ascii=True).encode())
+    digest.update(b"\n")
+    digest.update(canonical)
     return digest.hexdigest()
+
+
+def _canonical_json(body: bytes) -> bytes:
+    """Return a JSON body with sorted keys and no spacing; any other body as it is."""
+    try:
+        return json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
 
 
 def judge(existing: bytes | str, request_fingerprint: str, redis_key: str = "") -> Claim:
@@ -136,7 +202,7 @@ class IdempotencyStore:
         *,
         ttl_seconds: int,
         lock_seconds: int,
-        prefix: str = "falcon:idem",
+        prefix: str = KEY_PREFIX,
     ) -> None:
         self._client = client
         self._breaker = breaker
@@ -151,7 +217,7 @@ class IdempotencyStore:
         self._claim_latency = metrics.DEPENDENCY_LATENCY.labels("redis", "idempotency_claim")
 
     def begin(self, key: str, request_fingerprint: str) -> Claim:
-        """Claim ``key`` or report what is already stored under it."""
+        """Claim ``key`` (already scoped: ``scoped_key``) or report what is already stored under it."""
         if self._client is None:
             return self._unavailable()
         token = os.urandom(8).hex()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from falcon_svc.redact import redact
@@ -43,6 +45,32 @@ class JSONFormatter(logging.Formatter):
 def _iso_time(created: float) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+class LogThrottle:
+    """Let one log line through per ``interval`` seconds, and count the events held back in between.
+
+    NOTE: a full disk or a dead database fails every call; one line per failure
+    would bury the journal under load. Metrics still count every event: only the
+    lines are thinned, and the next line says how many it stands for. Thread-safe.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._held = 0
+        self._logged_at: float | None = None
+
+    def admit(self, count: int = 1) -> int | None:
+        """Record ``count`` events; return how many to report now (those held back included), or None to stay quiet."""
+        with self._lock:
+            self._held += count
+            now = self._clock()
+            if self._logged_at is not None and now - self._logged_at < self._interval:
+                return None
+            events, self._held, self._logged_at = self._held, 0, now
+            return events
 
 
 class AccessLog:

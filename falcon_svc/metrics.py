@@ -126,9 +126,14 @@ LOG_QUEUE_DEPTH = Gauge(
 LOG_SPOOL_BYTES = Gauge(
     "falcon_request_log_spool_bytes", "Bytes of request-log rows spooled on disk.", multiprocess_mode="livemax"
 )
+LOG_REJECTED_BYTES = Gauge(
+    "falcon_request_log_rejected_bytes",
+    "Bytes of request-log rows PostgreSQL refused, kept in the spool directory (rejected-*.jsonl) for an operator.",
+    multiprocess_mode="livemax",
+)
 LOG_ROWS = Counter(
     "falcon_request_log_rows_total",
-    "Request-log rows by outcome: written, spooled, replayed, dropped.",
+    "Request-log rows by outcome: written, spooled, replayed, rejected (refused by PostgreSQL, kept aside), dropped.",
     ["outcome"],
 )
 LOG_BATCH_LATENCY = Histogram(

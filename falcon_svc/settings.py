@@ -152,6 +152,7 @@ class Settings:
     log_flush_interval_ms: int = _setting(200, minimum=1, maximum=60_000)
     log_spool_dir: Path = Path("var/spool")
     log_spool_max_bytes: int = _setting(256 * 2**20, minimum=0, maximum=2**40)
+    log_rejected_retention_days: int = _setting(7, minimum=1, maximum=366)
     log_request_text: bool = False
     # Resilience
     circuit_breaker_failure_threshold: int = _setting(5, minimum=1, maximum=1000)

@@ -23,9 +23,11 @@ from falcon_svc.idempotency import (
     IdempotencyStore,
     Outcome,
     fingerprint,
+    scoped_key,
     validate_key,
 )
 from falcon_svc.settings import Settings
+from falcon_svc.tensors import HEADER_LENGTH_HEADER
 from falcon_svc.validation import read_body
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,13 @@ class IdempotencyMiddleware:
         req.context.raw_body = raw
         if len(raw) > self._max_body:
             return
-        claim = self._store.begin(key, fingerprint(req.method, req.path, raw))
+        # NOTE: ``client_id`` is the client scope: set by authentication once API keys
+        # exist (issue 11), the API key's id; until then every client shares "".
+        client_scope = req.context.get("client_id") or ""
+        request_fingerprint = fingerprint(
+            req.method, req.path, req.content_type, raw, header_length=req.get_header(HEADER_LENGTH_HEADER)
+        )
+        claim = self._store.begin(scoped_key(req.path, client_scope, key), request_fingerprint)
         if claim.outcome is Outcome.FIRST:
             req.context.idempotency_claim = claim
         elif claim.outcome is Outcome.UNAVAILABLE:

@@ -193,10 +193,11 @@ class RequestLog:
         self._writer.close()
 
     def status(self) -> dict[str, Any]:
-        """Return the readiness detail: PostgreSQL state, rows queued, bytes spooled.
+        """Return the readiness detail: PostgreSQL state, rows queued, bytes spooled, bytes of them rejected.
 
         ``postgres`` is ``circuit_open``, ``up`` / ``down`` (last write), or
-        ``unknown`` before the first write.
+        ``unknown`` before the first write. ``rejected_bytes`` (part of
+        ``spool_bytes``) are rows PostgreSQL refused, kept for an operator.
         """
         if self._breaker.state is State.OPEN:
             postgres = "circuit_open"
@@ -204,7 +205,12 @@ class RequestLog:
             postgres = "unknown"
         else:
             postgres = "up" if self._last_ok else "down"
-        return {"postgres": postgres, "queue_depth": len(self._rows), "spool_bytes": self._spool.size_bytes()}
+        return {
+            "postgres": postgres,
+            "queue_depth": len(self._rows),
+            "spool_bytes": self._spool.size_bytes(),
+            "rejected_bytes": self._spool.rejected_bytes(),
+        }
 
     # --- the writer thread ----------------------------------------------------
 

@@ -5,7 +5,9 @@ is half-open, a probe spends the breaker's one trial call; once it is closed,
 ``Spool.replay`` seals our spool file and feeds every file no live process holds
 (ours, and those of dead or restarted workers) to the writer in batches. A batch
 PostgreSQL refuses for a row's content is written row by row, and the refused
-rows are set aside, so one bad row never blocks its spool file.
+rows are set aside, so one bad row never blocks its spool file. Each pass also
+lets the spool delete rejected rows past their retention (``Spool.clean_rejected``,
+which acts at most once an hour).
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ class Replayer:
         NOTE: without the trial, a breaker that opened during an outage would stay
         half-open until new traffic arrived, and the spool would wait for it.
         """
-        if self._spool.size_bytes(refresh=True) == 0:
+        # NOTE: first, whatever PostgreSQL's state: rejected rows age out even during an outage.
+        self._spool.clean_rejected()
+        # NOTE: rejected rows are never replayed, so a spool holding only them waits for nothing.
+        if self._spool.size_bytes(refresh=True) - self._spool.rejected_bytes() <= 0:
             return
         state = self._breaker.state
         if state is State.OPEN or (state is State.HALF_OPEN and not self._probe()):

@@ -15,7 +15,18 @@ skips and logs.
 
 The whole directory is bounded by ``max_bytes``: past it a row is dropped,
 counted (``falcon_request_log_rows_total{outcome="dropped"}``) and logged, at
-most once per ``drop_log_interval``. This is the only place a row is ever lost.
+most once per ``drop_log_interval``. A failed write (disk full, permission
+denied) drops its rows the same way, and is logged at most once per
+``error_log_interval`` with the count of failures in between.
+
+Rows PostgreSQL refuses for their content are set aside in ``rejected-`` files
+(counted as ``outcome="rejected"``, their size in
+``falcon_request_log_rejected_bytes``), never replayed. They count towards
+``max_bytes``, so ``clean_rejected`` (the replayer calls it; it acts at most once
+per ``clean_interval``) deletes them after ``rejected_retention`` seconds, and
+sooner, oldest first, while they take more than half of ``max_bytes``: rows set
+aside must never leave an outage no room. A row is lost only past the bound,
+on a failed write, or when its rejected file is deleted: always counted or logged.
 """
 
 from __future__ import annotations
@@ -30,18 +41,29 @@ from pathlib import Path
 from typing import Any
 
 from falcon_svc import metrics
+from falcon_svc.logs import LogThrottle
 from falcon_svc.requestlog.spool_files import (
+    REJECTED_PREFIX,
     SPOOL_GLOB,
     Record,
     create_locked,
     encode,
     finish,
     remove_abandoned_new_files,
+    remove_rejected,
     replay_file,
     write_rejected,
 )
 
 logger = logging.getLogger(__name__)
+
+DAY = 86_400.0
+# NOTE: rejected rows may fill at most this share of max_bytes (as 1/N): past it
+# the oldest are deleted early, so that what an operator has not looked at yet
+# cannot make the spool drop the rows of the next outage.
+REJECTED_SHARE_DIVISOR = 2
+# A cleaning pass names at most this many of the files it deleted in its log line.
+_NAMES_SHOWN = 10
 
 
 class Spool:
@@ -58,13 +80,20 @@ class Spool:
         *,
         refresh_interval: float = 1.0,
         drop_log_interval: float = 60.0,
+        error_log_interval: float = 10.0,
+        rejected_retention: float = 7 * DAY,
+        clean_interval: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` paces the scans, log lines and cleaning; ``wall_clock`` dates rejected files (their mtime)."""
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.rejected_retention = rejected_retention
         self._refresh_interval = refresh_interval
-        self._drop_log_interval = drop_log_interval
+        self._clean_interval = clean_interval
         self._clock = clock
+        self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._path: Path | None = None
@@ -74,10 +103,12 @@ class Spool:
         # so the bound can be overshot by what the other workers append within one
         # refresh_interval; our own appends are counted at once.
         self._scanned_bytes = 0
+        self._rejected_bytes = 0
         self._appended_since_scan = 0
         self._scanned_at: float | None = None
-        self._drops_unlogged = 0
-        self._drop_logged_at: float | None = None
+        self._cleaned_at: float | None = None
+        self._drop_lines = LogThrottle(drop_log_interval, clock)
+        self._error_lines = LogThrottle(error_log_interval, clock)
 
     # --- appending --------------------------------------------------------------
 
@@ -137,7 +168,7 @@ class Spool:
         except OSError as ex:
             # NOTE: seal so that a partial line can only ever be the file's last
             # line, which replay recognises and skips.
-            logger.error("request-log spool write failed in %s: %s", self.directory, ex)
+            self._log_error("request-log spool write failed in %s: %s", self.directory, ex)
             broken = self._detach_locked()
         self._appended_since_scan += written
         stored, offset = 0, 0
@@ -194,20 +225,30 @@ class Spool:
         with self._lock:
             self._refresh_size_locked(force=refresh)
             size = self._scanned_bytes + self._appended_since_scan
+            rejected = self._rejected_bytes
         metrics.LOG_SPOOL_BYTES.set(size)
+        metrics.LOG_REJECTED_BYTES.set(rejected)
         return size
+
+    def rejected_bytes(self) -> int:
+        """Return the bytes of rejected rows kept in the directory (part of ``size_bytes``), as of the last scan."""
+        with self._lock:
+            return self._rejected_bytes
 
     def _refresh_size_locked(self, *, force: bool) -> None:
         now = self._clock()
         if not force and self._scanned_at is not None and now - self._scanned_at < self._refresh_interval:
             return
-        total = 0
+        total = rejected = 0
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
                     if entry.name.endswith(".jsonl"):
                         with contextlib.suppress(FileNotFoundError):
-                            total += entry.stat().st_size
+                            size = entry.stat().st_size
+                            total += size
+                            if entry.name.startswith(REJECTED_PREFIX):
+                                rejected += size
         except FileNotFoundError:
             pass  # NOTE: nothing spooled yet; the directory is made on first append
         except OSError as ex:
@@ -215,6 +256,7 @@ class Spool:
             logger.debug("cannot scan request-log spool %s: %s", self.directory, ex)
             return
         self._scanned_bytes, self._appended_since_scan, self._scanned_at = total, 0, now
+        self._rejected_bytes = rejected
 
     # --- replay -----------------------------------------------------------------
 
@@ -249,27 +291,84 @@ class Spool:
         return replayed
 
     def reject(self, records: Sequence[Mapping[str, Any]], reason: str) -> None:
-        """Set aside rows PostgreSQL refused for their content: kept on disk for an operator, counted as dropped."""
+        """Set aside rows PostgreSQL refused for their content: kept on disk for an operator, counted as rejected.
+
+        If they cannot be written they are dropped (counted and logged as such).
+        """
         if not records:
             return
-        path = write_rejected(self.directory, records)
-        self._count_dropped(len(records), f"rejected by PostgreSQL, kept in {path.name}: {reason}")
+        try:
+            path = write_rejected(self.directory, records)
+        except OSError as ex:
+            self._log_error("cannot set aside rejected request-log rows in %s: %s", self.directory, ex)
+            self._count_dropped(len(records), f"rejected by PostgreSQL and not kept ({reason})")
+            return
+        metrics.LOG_ROWS.labels("rejected").inc(len(records))
+        logger.error(
+            "request-log: %d rows rejected by PostgreSQL (%s), kept in %s for %g days",
+            len(records),
+            reason,
+            path,
+            self.rejected_retention / DAY,
+            extra={"rejected_rows": len(records), "reason": reason},
+        )
 
-    # --- drops ------------------------------------------------------------------
+    def clean_rejected(self) -> None:
+        """Delete rejected files past their retention, or the oldest while over their share of the bound.
+
+        Acts at most once per ``clean_interval`` (the first call always acts) and logs what it deleted.
+        """
+        now = self._clock()
+        with self._lock:
+            if self._cleaned_at is not None and now - self._cleaned_at < self._clean_interval:
+                return
+            self._cleaned_at = now
+        removed = remove_rejected(
+            self.directory,
+            modified_before=self._wall_clock() - self.rejected_retention,
+            keep_bytes=self.max_bytes // REJECTED_SHARE_DIVISOR,
+        )
+        if not removed:
+            return
+        names = [name for name, _size in removed]
+        shown = ", ".join(names[:_NAMES_SHOWN]) + (
+            f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+        )
+        deleted_bytes = sum(size for _name, size in removed)
+        logger.warning(
+            "request-log: deleted %d rejected-row files (%d bytes) older than %g days or past %d bytes: %s",
+            len(removed),
+            deleted_bytes,
+            self.rejected_retention / DAY,
+            self.max_bytes // REJECTED_SHARE_DIVISOR,
+            shown,
+            extra={"deleted_files": len(removed), "deleted_bytes": deleted_bytes},
+        )
+        self.size_bytes(refresh=True)
+
+    # --- failures and drops -------------------------------------------------------
+
+    def _log_error(self, message: str, *args: object) -> None:
+        """Log a failed write at most once per ``error_log_interval``; each failure is counted by its dropped rows."""
+        failures = self._error_lines.admit()
+        if failures is not None:
+            logger.error(
+                f"{message} (%d more failures since the last such line)",
+                *args,
+                failures - 1,
+                extra={"suppressed_errors": failures - 1},
+            )
 
     def _count_dropped(self, count: int, reason: str) -> None:
         metrics.LOG_ROWS.labels("dropped").inc(count)
-        with self._lock:
-            self._drops_unlogged += count
-            now = self._clock()
-            if self._drop_logged_at is not None and now - self._drop_logged_at < self._drop_log_interval:
-                return
-            count, self._drops_unlogged, self._drop_logged_at = self._drops_unlogged, 0, now
+        unlogged = self._drop_lines.admit(count)
+        if unlogged is None:
+            return
         logger.error(
             "dropped %d request-log rows (%s; spool %s, limit %d bytes)",
-            count,
+            unlogged,
             reason,
             self.directory,
             self.max_bytes,
-            extra={"dropped_rows": count, "reason": reason},
+            extra={"dropped_rows": unlogged, "reason": reason},
         )

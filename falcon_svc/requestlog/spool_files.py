@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 SPOOL_GLOB = "spool-*.jsonl"
 # NOTE: rows PostgreSQL rejects for their content are set aside here for an
-# operator, never replayed (they would fail again), but still count towards the bound.
-REJECTED_GLOB = "rejected-*.jsonl"
+# operator, never replayed (they would fail again), but still count towards the
+# bound; ``remove_rejected`` deletes them after their retention.
+REJECTED_PREFIX = "rejected-"
+REJECTED_GLOB = f"{REJECTED_PREFIX}*.jsonl"
 # NOTE: a new file is created under this prefix, locked, then renamed into place,
 # so no replayer can ever see (and delete) an active file before it is locked.
 _NEW_PREFIX = ".new-"
@@ -121,17 +123,50 @@ def remove_abandoned_new_files(directory: Path) -> None:
 
 
 def write_rejected(directory: Path, records: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``records`` to a new, synced ``rejected-`` file; return its path (a write error is logged)."""
-    path = directory / f"rejected-{time.time_ns():020d}-{os.getpid()}.jsonl"
+    """Write ``records`` to a new, synced ``rejected-`` file and return its path; raise OSError if it cannot be."""
+    path = directory / f"{REJECTED_PREFIX}{time.time_ns():020d}-{os.getpid()}.jsonl"
     data = b"".join(encode(record) for record in records)
     try:
-        with path.open("ab") as handle:
+        with path.open("xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as ex:
-        logger.error("cannot write rejected request-log rows to %s: %s", path, ex)
+    except OSError:
+        # NOTE: a half-written file would be kept for days as if it held every row.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise
     return path
+
+
+def remove_rejected(directory: Path, *, modified_before: float, keep_bytes: int) -> list[tuple[str, int]]:
+    """Delete ``rejected-`` files last modified before ``modified_before`` (Unix time), then the oldest until at
+    most ``keep_bytes`` remain; return the name and size of each file deleted.
+
+    A file that cannot be deleted is logged and kept; one another worker deleted first is not counted.
+    """
+    found = []
+    for path in directory.glob(REJECTED_GLOB):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            found.append((stat.st_mtime, path.name, stat.st_size))
+    found.sort()  # oldest first
+    kept = sum(size for _mtime, _name, size in found)
+    removed = []
+    for mtime, name, size in found:
+        if mtime >= modified_before and kept <= keep_bytes:
+            break
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:
+            kept -= size
+            continue
+        except OSError as ex:
+            logger.error("cannot delete rejected request-log rows %s: %s", name, ex)
+            continue
+        kept -= size
+        removed.append((name, size))
+    return removed
 
 
 def _lock_existing(path: Path) -> int | None:

@@ -17,7 +17,7 @@ from servers import RedisServer
 from falcon_svc.app import create_app
 from falcon_svc.cache import ResponseCache, cache_key
 from falcon_svc.dependencies import Dependencies, build_redis_dependencies, make_redis_client
-from falcon_svc.idempotency import IdempotencyStore, Outcome
+from falcon_svc.idempotency import KEY_PREFIX, IdempotencyStore, Outcome
 from falcon_svc.inference import text_digest
 from falcon_svc.model import Model, Prediction
 from falcon_svc.resilience import CircuitBreaker, State
@@ -346,7 +346,8 @@ class TestIdempotencyStore:
         breaker.record_failure()
         assert store.begin("order-11", "fp").outcome is Outcome.UNAVAILABLE, "an open breaker refuses new claims"
         assert redis_calls_timed("idempotency_claim") == claims_timed + 2, "a refused claim never left the worker"
-        assert not raw.exists("falcon:idem:order-11")
+        assert raw.exists(released.key) and released.key == f"{KEY_PREFIX}:order-9", released.key
+        assert not raw.exists(f"{KEY_PREFIX}:order-11")
 
         store.release(released)
         assert not raw.exists(released.key), "the release must go through an open breaker"

@@ -476,6 +476,7 @@ def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: s
     (spool_dir / "spool-00000000000000000001-1-000001.jsonl").write_text("\n".join(lines) + "\n")
 
     replayed_before, dropped_before = rows_total("replayed"), rows_total("dropped")
+    rejected_before = rows_total("rejected")
     log = make_log(dsn, Spool(spool_dir, max_bytes=10**7))
     log.start()
     try:
@@ -486,6 +487,7 @@ def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: s
         stored = {row[0] for row in conn.execute("SELECT request_id FROM request_log")}
     assert stored == {record["request_id"] for record in good}
     assert rows_total("replayed") - replayed_before >= len(good)
-    assert rows_total("dropped") - dropped_before == 1, "the bad row is counted as dropped"
+    assert rows_total("rejected") - rejected_before == 1, "the bad row is counted as rejected"
+    assert rows_total("dropped") == dropped_before, "a row kept for an operator is not lost"
     (rejected,) = spool_dir.glob(REJECTED_GLOB)
     assert json.loads(rejected.read_text())["request_id"] == "poison", "the bad row is kept for an operator"

@@ -1,8 +1,9 @@
 """Inputs that cost the server far more than they cost the client, over a real socket to real gunicorn.
 
-Issue 11: combining marks that made NFKC quadratic (findings 1), and OIP outputs
+Issue 11: combining marks that made NFKC quadratic (findings 1), OIP outputs
 and idempotent replies that multiplied a request's size in the reply and in
-Redis (finding 2). The assertions are on behaviour (the status and code, what
+Redis (finding 2), and idempotency keys shared across routes and media types
+(finding 8). The assertions are on behaviour (the status and code, what
 reached the cache, what Redis holds), never on time: the machine is noisy.
 """
 
@@ -48,6 +49,15 @@ def expected_stream_safe(base: str, marks: str, non_starters_each: int) -> str:
 
 def cache_key(model: Model, normalised: str) -> str:
     return f"falcon:cache:{model.version}:{hashlib.sha256(normalised.encode()).hexdigest()}"
+
+
+def idempotency_record(path: str, key: str) -> str:
+    """Where Redis keeps ``key``'s record for ``path``, as documented in falcon_svc/idempotency.py.
+
+    Built here, not with ``scoped_key``, so the layout is checked rather than echoed.
+    The client scope is empty until API keys exist.
+    """
+    return f"falcon:idem2:{hashlib.sha256(path.encode()).hexdigest()}::{key}"
 
 
 def wait_for_key(client: redis.Redis, key: str, within: float = 10.0) -> None:
@@ -157,7 +167,9 @@ def test_an_idempotent_reply_over_the_cap_is_answered_but_not_stored(service, re
     assert status == 200, first
     assert len(json.dumps(first)) > RESPONSE_CAP, "the test needs a reply over the cap"
     assert headers.get("Idempotency-Status") == "not-stored", dict(headers)
-    assert not store.exists("falcon:idem:big-1"), "a reply over the cap must leave nothing in Redis"
+    assert not store.exists(idempotency_record("/infer/batch", "big-1")), (
+        "a reply over the cap must leave nothing in Redis"
+    )
 
     status, headers, again = call(service, "POST", "/infer/batch", batch, headers={"X-Idempotency-Key": "big-1"})
     assert status == 200, again
@@ -167,8 +179,50 @@ def test_an_idempotent_reply_over_the_cap_is_answered_but_not_stored(service, re
     # The control: a reply under the cap is stored and replayed, so the check above can fail.
     status, headers, small = call(service, "POST", "/infer", {"text": "fine"}, headers={"X-Idempotency-Key": "small-1"})
     assert status == 200 and headers.get("Idempotency-Status") is None, (small, dict(headers))
-    assert json.loads(store.get("falcon:idem:small-1"))["state"] == "done"
+    assert json.loads(store.get(idempotency_record("/infer", "small-1")))["state"] == "done"
     status, headers, replay = call(
         service, "POST", "/infer", {"text": "fine"}, headers={"X-Idempotency-Key": "small-1"}
     )
     assert headers.get("Idempotent-Replayed") == "true" and replay["request_id"] == small["request_id"], replay
+
+
+def test_one_idempotency_key_on_two_routes_is_two_requests(service, redis_server):
+    """Keys are scoped per route: the same key on /infer and /infer/batch computes, stores and replays each."""
+    store = redis.Redis.from_url(redis_server.url)
+    key = {"X-Idempotency-Key": "shared-1"}
+    requests = (("/infer", {"text": "ship it today"}), ("/infer/batch", {"texts": ["ship it today"]}))
+
+    answers = {}
+    for path, body in requests:
+        status, headers, answers[path] = call(service, "POST", path, body, headers=key)
+        assert status == 200, f"{path}: the other route's use of the key must not refuse this one: {answers[path]}"
+        assert headers.get("Idempotent-Replayed") is None, f"{path} was replayed, not computed"
+    assert answers["/infer"]["request_id"] != answers["/infer/batch"]["request_id"]
+    for path, _ in requests:
+        record = store.get(idempotency_record(path, "shared-1"))
+        assert record is not None and json.loads(record)["state"] == "done", f"{path}: no record of its own"
+
+    for path, body in requests:
+        status, headers, again = call(service, "POST", path, body, headers=key)
+        assert status == 200 and headers.get("Idempotent-Replayed") == "true", (path, again)
+        assert again["request_id"] == answers[path]["request_id"], f"{path} replayed another route's answer"
+
+
+def test_the_same_key_and_body_with_another_content_type_is_not_replayed(service):
+    """The fingerprint covers the media type: another one under the key is a 422, never the stored answer."""
+    data = json.dumps({"text": "charge my card once"}).encode()
+    key = {"X-Idempotency-Key": "typed-1"}
+    status, _, raw = post_raw(service, "/infer", data, key)
+    assert status == 200, raw
+    first = json.loads(raw)
+
+    # The control: the same media type spelt otherwise is the same request, and is replayed.
+    status, headers, raw = post_raw(service, "/infer", data, {**key, "Content-Type": "Application/JSON"})
+    assert status == 200 and headers.get("Idempotent-Replayed") == "true", (status, raw)
+    assert json.loads(raw)["request_id"] == first["request_id"]
+
+    status, headers, raw = post_raw(service, "/infer", data, {**key, "Content-Type": "text/plain"})
+    assert headers.get("Idempotent-Replayed") is None, "a request with another Content-Type got the stored answer"
+    assert status == 422, raw
+    code, _, field = error_of(json.loads(raw))
+    assert (code, field) == ("idempotency_key_mismatch", "X-Idempotency-Key"), raw

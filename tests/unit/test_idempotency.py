@@ -21,50 +21,143 @@ import pytest
 from falcon_svc.app import create_app
 from falcon_svc.dependencies import Dependencies
 from falcon_svc.errors import APIError
-from falcon_svc.idempotency import HEADER, Claim, Outcome, fingerprint, judge, validate_key
+from falcon_svc.idempotency import (
+    HEADER,
+    KEY_PREFIX,
+    Claim,
+    Outcome,
+    fingerprint,
+    judge,
+    media_type,
+    scoped_key,
+    validate_key,
+)
+from falcon_svc.middleware import IdempotencyMiddleware
 from falcon_svc.model import Model
 from falcon_svc.settings import Settings
 
-JSON = {"Content-Type": "application/json"}
+JSON_TYPE = "application/json"
+JSON = {"Content-Type": JSON_TYPE}
+
+
+def fp(
+    body: bytes,
+    path: str = "/infer",
+    content_type: str | None = "application/json",
+    method: str = "POST",
+    header_length: str | None = None,
+) -> str:
+    return fingerprint(method, path, content_type, body, header_length=header_length)
 
 
 class TestFingerprint:
     def test_json_key_order_and_whitespace_do_not_matter(self):
         compact = b'{"texts":["a","b"],"options":{"x":1,"y":[1,2]}}'
         spread = b'{\n  "options": { "y": [1, 2], "x": 1 },\n  "texts": [ "a", "b" ]\n}'
-        assert fingerprint("POST", "/infer/batch", compact) == fingerprint("POST", "/infer/batch", spread)
+        assert fp(compact, "/infer/batch") == fp(spread, "/infer/batch")
 
     def test_json_escapes_and_the_characters_they_stand_for_are_one_body(self):
         escaped = b'{"text": "caf\\u00e9"}'
         literal = '{"text": "café"}'.encode()
-        assert fingerprint("POST", "/infer", escaped) == fingerprint("POST", "/infer", literal)
+        assert fp(escaped) == fp(literal)
 
     @pytest.mark.parametrize(
-        ("method", "path", "body"),
+        ("method", "path", "content_type", "body"),
         [
-            ("PUT", "/infer", b'{"text": "a"}'),
-            ("POST", "/infer/batch", b'{"text": "a"}'),
-            ("POST", "/infer", b'{"text": "b"}'),
-            ("POST", "/infer", b'{"text": "a", "extra": null}'),
-            ("POST", "/infer", b'["text", "a"]'),
+            ("PUT", "/infer", "application/json", b'{"text": "a"}'),
+            ("POST", "/infer/batch", "application/json", b'{"text": "a"}'),
+            ("POST", "/infer", "application/json", b'{"text": "b"}'),
+            ("POST", "/infer", "application/json", b'{"text": "a", "extra": null}'),
+            ("POST", "/infer", "application/json", b'["text", "a"]'),
+            ("POST", "/infer", "text/plain", b'{"text": "a"}'),
+            ("POST", "/infer", None, b'{"text": "a"}'),
+            ("POST", "/infer", "application/json; charset=latin-1", b'{"text": "a"}'),
         ],
     )
-    def test_another_method_path_or_body_is_another_request(self, method, path, body):
-        assert fingerprint(method, path, body) != fingerprint("POST", "/infer", b'{"text": "a"}')
+    def test_another_method_path_media_type_or_body_is_another_request(self, method, path, content_type, body):
+        assert fp(body, path, content_type, method) != fp(b'{"text": "a"}')
 
-    def test_a_body_that_is_not_json_is_hashed_as_its_bytes(self):
-        expected = hashlib.sha256(b"POST\n/infer\ntext=a b").hexdigest()
-        assert fingerprint("POST", "/infer", b"text=a b") == expected
-        assert fingerprint("POST", "/infer", b"text=a  b") != expected, "outside JSON, every byte counts"
+    @pytest.mark.parametrize(
+        "content_type",
+        ["application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"', "application/json ;  charset=utf-8"],
+    )
+    def test_the_spelling_of_one_media_type_does_not_matter(self, content_type):
+        assert fp(b"{}", content_type=content_type) == fp(b"{}", content_type="application/json; charset=utf-8")
+
+    def test_parameter_order_does_not_matter_but_values_do(self):
+        assert fp(b"{}", content_type="a/b; x=1; y=2") == fp(b"{}", content_type="a/b; y=2; x=1")
+        assert fp(b"{}", content_type="a/b; x=1") != fp(b"{}", content_type="a/b; x=2")
+        assert fp(b"{}", content_type='a/b; x="1; y=2"') != fp(b"{}", content_type="a/b; x=1; y=2"), (
+            "a quoted value must not pass for two parameters"
+        )
+
+    def test_no_path_can_run_into_the_media_type(self):
+        # A percent-decoded path may hold a newline: joined by newlines, these two would be one request.
+        assert fp(b"x", "/infer\ntext/plain", "") != fp(b"\nx", "/infer", "text/plain")
+
+    def test_outside_json_every_byte_counts(self):
+        assert fp(b"text=a b", content_type="text/plain") != fp(b"text=a  b", content_type="text/plain")
 
     def test_invalid_utf8_is_hashed_as_its_bytes_not_an_error(self):
-        body = b'{"text": "\xff\xfe"}'
-        assert fingerprint("POST", "/infer", body) == hashlib.sha256(b"POST\n/infer\n" + body).hexdigest()
-        assert fingerprint("POST", "/infer", body) != fingerprint("POST", "/infer", b'{"text":"\xff\xfe"}')
+        assert fp(b'{"text": "\xff\xfe"}') != fp(b'{"text":"\xff\xfe"}'), "not canonicalised: it is not JSON"
 
     def test_json_too_deep_to_parse_is_hashed_as_its_bytes_not_an_error(self):
-        body = b"[" * 100_000
-        assert fingerprint("POST", "/infer", body) == hashlib.sha256(b"POST\n/infer\n" + body).hexdigest()
+        assert fp(b"[" * 100_000) != fp(b"[" * 99_999)
+
+    def test_a_binary_body_is_hashed_as_its_bytes_with_its_header_length(self):
+        body = b'{"inputs": []}\x00\x01'
+        binary = "application/octet-stream"
+        assert fp(body, content_type=binary, header_length="14") != fp(body, content_type=binary, header_length="13"), (
+            "where the JSON ends changes what the body means"
+        )
+        assert fp(b'{"a": 1}', content_type=binary, header_length="8") != fp(
+            b'{"a":1} ', content_type=binary, header_length="8"
+        ), "a binary-extension body is not canonicalised"
+        assert fp(body, content_type=binary, header_length="14") != fp(body, content_type=binary)
+
+
+class TestMediaType:
+    def test_type_and_parameter_names_lowercased_parameters_sorted_charset_folded(self):
+        assert media_type('Application/JSON; Version=2; Charset="UTF-8"') == (
+            "application/json",
+            (("charset", "utf-8"), ("version", "2")),
+        )
+
+    def test_other_parameter_values_keep_their_case(self):
+        assert media_type("a/b; boundary=AbC") == ("a/b", (("boundary", "AbC"),))
+
+    @pytest.mark.parametrize("content_type", [None, ""])
+    def test_no_content_type_is_empty(self, content_type):
+        assert media_type(content_type) == ("", ())
+
+
+class TestScopedKey:
+    def test_the_same_key_on_another_route_is_another_key(self):
+        assert scoped_key("/infer", "", "order-1") != scoped_key("/infer/batch", "", "order-1")
+
+    def test_the_same_key_from_another_client_is_another_key(self):
+        assert scoped_key("/infer", "client-a", "order-1") != scoped_key("/infer", "client-b", "order-1")
+        assert scoped_key("/infer", "", "order-1") != scoped_key("/infer", "client-a", "order-1")
+
+    def test_the_layout_is_route_digest_client_then_key(self):
+        route = hashlib.sha256(b"/infer").hexdigest()
+        assert scoped_key("/infer", "", "order-1") == f"{route}::order-1"
+        assert scoped_key("/infer", "key-7", "a:b") == f"{route}:key-7:a:b"
+
+    def test_a_colon_in_the_key_cannot_pass_for_the_client(self):
+        # The client scope may not hold ":", so ("a", "b:c") and ("a:b", "c") cannot meet.
+        assert scoped_key("/infer", "a", "b:c") != scoped_key("/infer", "", "a:b:c")
+        with pytest.raises(ValueError):
+            scoped_key("/infer", "a:b", "c")
+
+    @pytest.mark.parametrize("scope", ["has space", "x" * 65, "caf\u00e9", "nl\n"])
+    def test_a_client_scope_outside_its_alphabet_is_a_programming_error(self, scope):
+        with pytest.raises(ValueError, match="client scope"):
+            scoped_key("/infer", scope, "order-1")
+
+    def test_the_store_prefix_is_new_so_old_records_are_never_read(self):
+        assert not KEY_PREFIX.startswith("falcon:idem:"), "an old client-chosen key could pose as a new key"
+        assert KEY_PREFIX != "falcon:idem"
 
 
 class TestValidateKey:
@@ -246,11 +339,64 @@ class TestMiddleware:
         body = json.dumps({"text": "pay once"}).encode()
         result = client.simulate_post("/infer", body=body, headers={**JSON, HEADER: "order-1"})
         assert result.status_code == 200, result.text
-        assert store.begun == [("order-1", fingerprint("POST", "/infer", body))]
+        assert store.begun == [(scoped_key("/infer", "", "order-1"), fingerprint("POST", "/infer", JSON_TYPE, body))]
         assert len(store.completed) == 1 and store.released == [], (store.completed, store.released)
         stored_claim, status, stored_body, headers = store.completed[0]
         assert (stored_claim, status, stored_body) == (claim, 200, result.content)
         assert headers == {"X-Request-ID": result.headers["x-request-id"], "Content-Type": "application/json"}
+
+    def test_the_same_key_on_two_routes_reaches_the_store_as_two_keys(self, settings, counting_model):
+        client, store = serve(settings, counting_model, Claim(Outcome.UNAVAILABLE))
+        assert infer(client, key="order-1").status_code == 200
+        batch = json.dumps({"texts": ["pay once"]})
+        assert client.simulate_post("/infer/batch", body=batch, headers={**JSON, HEADER: "order-1"}).status_code == 200
+        keys = [key for key, _ in store.begun]
+        assert keys == [scoped_key("/infer", "", "order-1"), scoped_key("/infer/batch", "", "order-1")], keys
+        assert keys[0] != keys[1], "one key on two routes must be two keys"
+
+    def test_the_media_type_as_sent_is_in_the_fingerprint(self, settings, counting_model):
+        client, store = serve(settings, counting_model, Claim(Outcome.UNAVAILABLE))
+        body = json.dumps({"text": "pay once"}).encode()
+        content_type = "Application/JSON; charset=UTF-8"
+        result = client.simulate_post("/infer", body=body, headers={"Content-Type": content_type, HEADER: "order-1"})
+        assert result.status_code == 200, result.text
+        [(_, sent)] = store.begun
+        assert sent == fingerprint("POST", "/infer", content_type, body), "the fingerprint must cover the media type"
+        assert sent != fingerprint("POST", "/infer", JSON_TYPE, body)
+
+    def test_the_binary_header_length_is_in_the_fingerprint(self, settings, counting_model):
+        client, store = serve(settings, counting_model, Claim(Outcome.UNAVAILABLE))
+        header = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["pay"]}]})
+        body = header.encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(body))}
+        path = f"/v2/models/{counting_model.name}/infer"
+        assert client.simulate_post(path, body=body, headers={**headers, HEADER: "bin-1"}).status_code == 200
+        [(_, sent)] = store.begun
+        assert sent == fingerprint("POST", path, headers["Content-Type"], body, header_length=str(len(body)))
+
+    def test_the_client_scope_is_read_from_the_request_context(self, settings):
+        """The seam for API keys: whatever authentication puts in ``req.context.client_id`` scopes the key."""
+
+        class Authentication:
+            """Stands in for the authentication to come: names the client from a test header."""
+
+            def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+                req.context.client_id = req.get_header("X-Test-Client") or ""
+
+        class Echo:
+            def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+                resp.media = {"ok": True}
+
+        store = FakeStore(Claim(Outcome.UNAVAILABLE))
+        app = falcon.App(middleware=[Authentication(), IdempotencyMiddleware(store, settings)])
+        app.add_route("/things", Echo())
+        client = falcon.testing.TestClient(app)
+        for name in ("client-a", "client-b", None):
+            headers = {**JSON, HEADER: "order-1", **({"X-Test-Client": name} if name else {})}
+            assert client.simulate_post("/things", body="{}", headers=headers).status_code == 200
+        keys = [key for key, _ in store.begun]
+        expected = [scoped_key("/things", scope, "order-1") for scope in ("client-a", "client-b", "")]
+        assert keys == expected, keys
 
     def test_a_first_request_that_fails_releases_its_key(self, settings, counting_model):
         claim = Claim(Outcome.FIRST, "falcon:idem:order-1", "fp", "token")

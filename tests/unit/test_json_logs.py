@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from falcon_svc.logs import ACCESS_LOGGER, AccessLog, JSONFormatter
+from falcon_svc.logs import ACCESS_LOGGER, AccessLog, JSONFormatter, LogThrottle
 
 
 def record(message: str, *args: object, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
@@ -97,3 +97,24 @@ def test_a_password_in_a_message_or_a_traceback_never_reaches_the_line():
     assert "s3cret-pw" not in json.dumps(parsed)
     assert parsed["msg"] == "retrying redis://:***@127.0.0.1:6379/0"
     assert "postgresql://falcon:***@db:5432/falcon" in parsed["exc"]
+
+
+class StoppedClock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_throttle_lets_one_line_through_per_interval_and_reports_what_it_held_back():
+    clock = StoppedClock()
+    throttle = LogThrottle(10.0, clock)
+    assert throttle.admit() == 1, "the first event is always logged"
+    assert [throttle.admit() for _ in range(4)] == [None] * 4, "events within the interval stay quiet"
+    clock.now += 9.9
+    assert throttle.admit(3) is None
+    clock.now += 0.1
+    assert throttle.admit() == 8, "the next line stands for itself and the 7 events held back (4 + 3)"
+    clock.now += 10
+    assert throttle.admit(2) == 2, "a quiet interval starts the count afresh"

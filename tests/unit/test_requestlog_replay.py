@@ -7,7 +7,9 @@ short replay interval and synchronises on the spool's passes, never on time.
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from requestlog_fakes import (
     TransientError,
     make_log,
     make_row,
+    open_breaker,
     records_on_disk,
     rows_total,
 )
@@ -139,14 +142,40 @@ def test_a_failed_replay_keeps_the_rows_and_reports_postgres_down(logs, writer, 
 
 def test_a_row_the_database_refuses_is_set_aside_and_the_others_are_replayed(logs, writer, spool):
     writer.refused_ids = {"log-1"}
-    replayed, dropped = rows_total("replayed"), rows_total("dropped")
-    replaying(logs, writer, spool, CircuitBreaker("postgres"))
+    replayed, dropped, rejected_rows = rows_total("replayed"), rows_total("dropped"), rows_total("rejected")
+    log = replaying(logs, writer, spool, CircuitBreaker("postgres"))
     writer.wait_until(lambda w: len(w.calls) >= 4, "the batch and then its rows one by one are tried")
     spool.wait_for_a_whole_pass()
     assert [call.operation for call in writer.calls] == ["replay_batch", "replay_row", "replay_row", "replay_row"]
     assert writer.stored_ids() == ["log-0", "log-2"]
     assert rows_total("replayed") - replayed == 2
-    assert rows_total("dropped") - dropped == 1, "the refused row is counted as dropped"
+    assert rows_total("rejected") - rejected_rows == 1, "the refused row is counted as rejected"
+    assert rows_total("dropped") == dropped, "a row kept for an operator is not lost"
     (rejected,) = spool.directory.glob(REJECTED_GLOB)
     assert json.loads(rejected.read_text())["log_id"] == "log-1", "the refused row is kept for an operator"
     assert records_on_disk(spool.directory) == [], "the spool file is done with"
+    status = log.status()
+    assert status["rejected_bytes"] == rejected.stat().st_size, f"the readiness detail shows them: {status}"
+
+
+def test_the_replayer_deletes_expired_rejected_rows_even_while_the_breaker_is_open(logs, writer, spool):
+    spool.reject([row_record(make_row(9))], reason="DataError: bad value")
+    (rejected,) = spool.directory.glob(REJECTED_GLOB)
+    week_and_a_day_ago = time.time() - 8 * 86_400
+    os.utime(rejected, (week_and_a_day_ago, week_and_a_day_ago))
+    log = replaying(logs, writer, spool, open_breaker())
+    spool.wait_for_a_whole_pass()
+    assert not rejected.exists(), "rejected rows past their retention are deleted whatever PostgreSQL's state"
+    assert log.status()["rejected_bytes"] == 0
+    assert len(records_on_disk(spool.directory)) == 3, "the spooled rows wait for PostgreSQL"
+
+
+def test_a_spool_holding_only_rejected_rows_does_not_spend_the_half_open_trial(logs, writer, tmp_path):
+    spool = SignallingSpool(tmp_path / "rejected-only")
+    spool.directory.mkdir(parents=True)
+    spool.reject([row_record(make_row(9))], reason="DataError: bad value")
+    breaker = half_open_breaker(FakeClock())
+    replaying(logs, writer, spool, breaker)
+    spool.wait_for_a_whole_pass()
+    assert writer.probes == 0 and spool.replays == 0, "rejected rows are never replayed: nothing waits"
+    assert breaker.state is State.HALF_OPEN

@@ -169,6 +169,30 @@ def test_an_unwritable_directory_drops_rows_instead_of_raising(tmp_path: Path) -
     assert rows_total("dropped") - dropped_before == 2
 
 
+def test_write_errors_are_logged_once_per_interval_with_the_count_of_those_held_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    spool = Spool(blocker / "spool", max_bytes=10**6, refresh_interval=0, error_log_interval=10, clock=clock)
+    dropped_before = rows_total("dropped")
+
+    def error_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "spool write failed" in r.getMessage()]
+
+    with caplog.at_level(logging.ERROR, logger="falcon_svc.requestlog"):
+        for i in range(5):
+            assert spool.append(records(i, i + 1)) == 0
+        assert len(error_lines()) == 1, f"one line per interval, not one per failure: {error_lines()}"
+        clock.now += 10
+        spool.append(records(5, 6))
+
+    assert len(error_lines()) == 2, "a new interval logs again"
+    assert "4 more failures" in error_lines()[1], f"the next line counts those held back: {error_lines()[1]}"
+    assert rows_total("dropped") - dropped_before == 6, "every failed row is still counted"
+
+
 def test_empty_files_are_not_left_behind(spool: Spool) -> None:
     spool.append(records(0, 1))
     spool.replay(Collector(), batch_size=10)
@@ -232,13 +256,86 @@ def test_a_live_process_file_is_left_alone_and_a_dead_ones_is_replayed(spool: Sp
 
 def test_rejected_rows_are_kept_aside_counted_and_never_replayed(spool: Spool) -> None:
     spool.directory.mkdir(parents=True)
-    dropped_before = rows_total("dropped")
+    dropped_before, rejected_before = rows_total("dropped"), rows_total("rejected")
     spool.reject(records(0, 2), reason="DataError: bad value")
 
     (rejected,) = spool.directory.glob(REJECTED_GLOB)
     assert len(rejected.read_bytes().splitlines()) == 2
-    assert rows_total("dropped") - dropped_before == 2
+    assert rows_total("rejected") - rejected_before == 2, "set-aside rows are counted as rejected"
+    assert rows_total("dropped") == dropped_before, "kept rows are not lost, so not dropped"
     writer = Collector()
     spool.replay(writer, batch_size=10)
     assert writer.ids == [], "rejected rows would only fail again"
     assert spool.size_bytes(refresh=True) == rejected.stat().st_size, "they still count towards the bound"
+    assert spool.rejected_bytes() == rejected.stat().st_size, "their size is reported apart"
+    assert REGISTRY.get_sample_value("falcon_request_log_rejected_bytes") == rejected.stat().st_size
+
+
+def test_rejected_rows_that_cannot_be_kept_are_dropped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "never-made", max_bytes=10**6, refresh_interval=0)
+    dropped_before, rejected_before = rows_total("dropped"), rows_total("rejected")
+    spool.reject(records(0, 3), reason="DataError: bad value")
+    assert rows_total("dropped") - dropped_before == 3, "rows that could not be set aside are lost: dropped"
+    assert rows_total("rejected") == rejected_before
+
+
+def reject_at(spool: Spool, first: int, mtime: float) -> Path:
+    """Set aside one row, as if it had been rejected at Unix time ``mtime``."""
+    before = set(spool.directory.glob(REJECTED_GLOB))
+    spool.reject(records(first, first + 1), reason="DataError: bad value")
+    (path,) = set(spool.directory.glob(REJECTED_GLOB)) - before
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_rejected_files_past_their_retention_are_deleted_at_most_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, wall = FakeClock(), FakeClock()
+    wall.now = 1_800_000_000.0
+    day = 86_400
+    spool = Spool(
+        tmp_path / "spool",
+        max_bytes=10**6,
+        refresh_interval=0,
+        rejected_retention=7 * day,
+        clean_interval=3600,
+        clock=clock,
+        wall_clock=wall,
+    )
+    spool.directory.mkdir(parents=True)
+    expired = reject_at(spool, 0, wall.now - 8 * day)
+    kept = reject_at(spool, 1, wall.now - 6 * day)
+
+    with caplog.at_level(logging.WARNING, logger="falcon_svc.requestlog"):
+        spool.clean_rejected()
+    assert not expired.exists(), "a file past its retention is deleted"
+    assert kept.exists(), "a file within its retention is kept"
+    assert any(expired.name in r.getMessage() and "deleted 1" in r.getMessage() for r in caplog.records), (
+        "the deletion is logged with the file's name"
+    )
+    assert spool.rejected_bytes() == kept.stat().st_size
+
+    wall.now += 2 * day  # `kept` has expired now too
+    clock.now += 3599
+    spool.clean_rejected()
+    assert kept.exists(), "cleaning happens at most once per clean_interval"
+    clock.now += 1
+    spool.clean_rejected()
+    assert not kept.exists(), "the next interval deletes it"
+    assert spool.rejected_bytes() == 0
+
+
+def test_rejected_files_past_half_the_bound_are_deleted_oldest_first(tmp_path: Path) -> None:
+    wall = FakeClock()
+    wall.now = 1_800_000_000.0
+    line_bytes = len(b'{"request_id":"r0","n":0}\n')
+    spool = Spool(tmp_path / "spool", max_bytes=6 * line_bytes, refresh_interval=0, wall_clock=wall)
+    spool.directory.mkdir(parents=True)
+    files = [reject_at(spool, i, wall.now - 100 + i) for i in range(5)]  # all well within the retention
+
+    spool.clean_rejected()
+    assert [path.exists() for path in files] == [False, False, True, True, True], (
+        "rejected rows may take half the bound (3 lines); the oldest go first"
+    )
+    assert spool.size_bytes(refresh=True) == 3 * line_bytes
