@@ -15,6 +15,8 @@ fault_init stop_worker
 require_ready_workers 2
 victim=${VICTIM_PORT:-$(worker_ports | tail -1)}
 BURST=${BURST:-12}
+# BURST + loadgen's 4 steady threads must stay under nginx_conn_limit (20 in flight per
+# address), or the excess get 429.
 # The unit's TimeoutStopSec is 35 s; a drain that needs most of it is a defect.
 STOP_LIMIT_SECONDS=${STOP_LIMIT_SECONDS:-15}
 on_exit systemctl start "falcon-worker@$victim.service"

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +91,37 @@ class Proxy:
             time.sleep(0.02)
 
 
+# The role's defaults for the client limits (ansible/roles/nginx/defaults/main.yml),
+# except a connection limit no test reaches by accident; a test overrides what it probes.
+CLIENT_LIMITS: dict[str, object] = {
+    "falcon_conn_limit": 100,
+    "falcon_client_header_timeout": "10s",
+    "falcon_client_body_timeout": "10s",
+    "falcon_send_timeout": "10s",
+    "falcon_client_keepalive_timeout": "10s",
+    "falcon_client_body_buffer_size": "256k",
+    "falcon_proxy_max_temp_file_size": "16m",
+    "falcon_real_ip_from": [],
+}
+
+
 @contextmanager
 def running_nginx(
-    directory: Path, worker_ports: list[int], rate: str = "1000r/s", burst: int = 1000
+    directory: Path,
+    worker_ports: list[int],
+    rate: str = "1000r/s",
+    burst: int = 1000,
+    **overrides: object,
 ) -> Iterator[Proxy]:
-    """Render the template for `worker_ports`, check it with `nginx -t`, serve it, always stop it."""
+    """Render the template for `worker_ports`, check it with `nginx -t`, serve it, always stop it.
+
+    ``overrides`` replace template variables by name (``falcon_conn_limit=2``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     proxy = Proxy(port=free_port(), status_port=free_port(), access_log=directory / "access.log")
     site = directory / "falcon-svc.conf"
+    unknown = set(overrides) - set(CLIENT_LIMITS)
+    assert not unknown, f"not a client-limit variable of the template: {unknown}"
     site.write_text(
         render(
             TEMPLATE.read_text(),
@@ -111,7 +136,9 @@ def running_nginx(
                 "falcon_proxy_read_timeout": "35s",
                 "falcon_nginx_access_log": str(proxy.access_log),
                 "falcon_web_root": str(WEB_ROOT),
-            },
+            }
+            | CLIENT_LIMITS
+            | overrides,
         )
     )
     temp_paths = "\n".join(
@@ -167,8 +194,8 @@ def proxy(worker_ports, tmp_path_factory) -> Iterator[Proxy]:
 def test_template_starts_with_the_ansible_managed_banner():
     rendered = render(
         TEMPLATE.read_text(),
-        {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001]}
-        | {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())},
+        {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())}
+        | {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001], "falcon_real_ip_from": []},
     )
     assert rendered.startswith("#\n# Ansible managed\n#\n"), rendered[:80]
 
@@ -213,6 +240,7 @@ def test_burst_over_the_rate_limit_gets_json_429(worker_ports, tmp_path):
     rejected = [(headers, body) for status, headers, body in replies if status == 429]
     headers, body = rejected[0]
     assert body["error"]["code"] == "too_many_requests" and body["error"]["field"] is None, body
+    assert body["error"]["message"] == "Rate limit exceeded; retry later.", body
     assert headers["Retry-After"] == "1" and HEX_ID.fullmatch(headers["X-Request-ID"]), headers
 
 
@@ -465,3 +493,249 @@ def test_swagger_ui_script_is_proxied_gzipped_and_cacheable(proxy):
     assert gzip.decompress(body) == original, "the gzipped script is not Swagger UI's"
     assert len(body) < len(original) / 2, f"gzip saved little: {len(body)} of {len(original)} bytes"
     assert headers["Cache-Control"] == ui.PINNED, headers.items()
+
+
+# --- Client limits: slow clients, requests in flight, addresses behind a balancer ----------
+
+# How long a test waits for nginx to cut a client off: far past the 1 s the test
+# renders, and far short of nginx's own defaults (60 s; 75 s for keep-alive).
+CUT_OFF_WITHIN = 30.0
+# A byte every DRIBBLE_SECONDS: a client that is never idle, only slow.
+DRIBBLE_SECONDS = 0.2
+
+
+def wait_until_closed(client: socket.socket, within: float, dribble: bytes = b"") -> bytes | None:
+    """Send ``dribble`` a byte at a time until the server closes; return what it sent, or None.
+
+    None means the connection was still open after ``within`` seconds. A reset
+    (reset_timedout_connection) counts as a close with nothing received.
+    """
+    deadline = time.monotonic() + within
+    pending = iter(dribble)
+    received = b""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([client], [], [], DRIBBLE_SECONDS)
+        try:
+            if readable:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
+            elif (byte := next(pending, None)) is not None:
+                client.sendall(bytes([byte]))
+        except (ConnectionResetError, BrokenPipeError):
+            return received
+    return None
+
+
+def logged_statuses(proxy: Proxy, request_id: str) -> list[int]:
+    """The statuses nginx logged for ``request_id`` (waiting a moment for the line)."""
+    entries = proxy.log_entries(lambda es: any(e["request_id"] == request_id for e in es))
+    return [entry["status"] for entry in entries if entry["request_id"] == request_id]
+
+
+def test_a_client_sending_its_head_slowly_is_cut_off(worker_ports, tmp_path):
+    """client_header_timeout bounds the whole head: a byte every 0.2 s does not keep it open."""
+    request_id = uuid.uuid4().hex
+    head = f"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Request-ID: {request_id}\r\n".encode()
+    with running_nginx(tmp_path / "nginx", worker_ports, falcon_client_header_timeout="1s") as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+            client.sendall(head)
+            received = wait_until_closed(client, CUT_OFF_WITHIN, dribble=b"X-Slow: " + b"a" * 1000)
+        assert received is not None, f"nginx still read a dribbled request head after {CUT_OFF_WITHIN:.0f} s"
+        assert b" 200 " not in received, f"the unfinished request was answered: {received[:200]!r}"
+        assert logged_statuses(proxy, request_id) == [408], "nginx did not log the cut-off head as a 408"
+
+
+def test_a_client_that_stops_sending_its_body_is_cut_off(worker_ports, tmp_path):
+    """client_body_timeout: a body that stops arriving is dropped; no worker ever sees it."""
+    request_id = uuid.uuid4().hex
+    head = (
+        f"POST /infer HTTP/1.1\r\nHost: test\r\nX-Request-ID: {request_id}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with running_nginx(tmp_path / "nginx", worker_ports, falcon_client_body_timeout="1s") as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+            client.sendall(head + b'{"text": "only the start')
+            received = wait_until_closed(client, CUT_OFF_WITHIN)
+        assert received is not None, f"nginx still waited for the rest of a body after {CUT_OFF_WITHIN:.0f} s"
+        entries = proxy.log_entries(lambda es: any(e["request_id"] == request_id for e in es))
+    ours = [entry for entry in entries if entry["request_id"] == request_id]
+    assert [entry["status"] for entry in ours] == [408], f"nginx did not log the stalled body as a 408: {ours}"
+    assert ours[0]["upstream_addr"] == "", f"the unfinished body reached a worker: {ours[0]}"
+
+
+def test_an_idle_keepalive_client_connection_is_closed(worker_ports, tmp_path):
+    with (
+        running_nginx(tmp_path / "nginx", worker_ports, falcon_client_keepalive_timeout="1s") as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client,
+    ):
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = client.recv(65536)
+            assert chunk, f"nginx closed before answering: {answer!r}"
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert wait_until_closed(client, CUT_OFF_WITHIN) is not None, (
+            f"an idle keep-alive client connection was still open after {CUT_OFF_WITHIN:.0f} s"
+        )
+
+
+def test_a_client_that_stops_reading_is_cut_off(worker_ports, tmp_path):
+    """send_timeout: a client that asks for megabytes and reads none does not hold nginx for long."""
+    prefix = uuid.uuid4().hex
+    size = (ui.swagger_ui_dir() / "swagger-ui-bundle.js").stat().st_size
+    # Pipelined requests for 1 MB each, more in all than the kernel buffers on loopback
+    # (tcp_wmem's 4 MB at most on the sending side; the client's window is pinned small).
+    pipelined = 12
+    heads = "".join(
+        f"GET /docs/swagger-ui-bundle.js HTTP/1.1\r\nHost: test\r\nX-Request-ID: {prefix}-{n}\r\n\r\n"
+        for n in range(pipelined)
+    )
+
+    def cut_short(entries: list[dict]) -> bool:
+        return any(e["request_id"].startswith(prefix) and e["bytes"] < size for e in entries)
+
+    with running_nginx(tmp_path / "nginx", worker_ports, falcon_send_timeout="1s") as proxy:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", proxy.port))
+            client.sendall(heads.encode())
+            # nginx logs a request once it has sent it whole, or given up on sending.
+            entries = proxy.log_entries(cut_short, CUT_OFF_WITHIN)
+        ours = [entry for entry in entries if entry["request_id"].startswith(prefix)]
+    assert cut_short(ours), (
+        f"after {CUT_OFF_WITHIN:.0f} s nginx had cut off no response to a client that reads nothing: "
+        f"{[(e['status'], e['bytes']) for e in ours]}"
+    )
+
+
+@dataclass
+class HoldingWorker:
+    """A fake upstream that keeps the first ``hold`` requests waiting and answers the rest at once."""
+
+    port: int
+    held: threading.Semaphore
+    release: threading.Event
+
+
+@contextmanager
+def holding_worker(hold: int) -> Iterator[HoldingWorker]:
+    """Listen like a worker; hold ``hold`` requests until ``release`` is set (always set on exit)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    worker = HoldingWorker(listener.getsockname()[1], threading.Semaphore(0), threading.Event())
+    stop = threading.Event()
+    holding = threading.Semaphore(hold)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+
+    def answer(connection: socket.socket) -> None:
+        with connection, suppress(OSError):
+            connection.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            if holding.acquire(blocking=False):
+                worker.held.release()
+                worker.release.wait(30)
+            connection.sendall(reply)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.release.set()
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def wait_held(worker: HoldingWorker, count: int) -> None:
+    for n in range(count):
+        assert worker.held.acquire(timeout=10), f"only {n} of {count} requests reached the worker"
+
+
+def test_requests_in_flight_past_the_limit_get_json_429(tmp_path):
+    limit = 2
+    with (
+        holding_worker(hold=limit) as worker,
+        running_nginx(tmp_path / "nginx", [worker.port], falcon_conn_limit=limit) as proxy,
+        ThreadPoolExecutor(limit) as pool,
+    ):
+        held = [pool.submit(call, proxy.port, "GET", "/healthz") for _ in range(limit)]
+        wait_held(worker, limit)
+        status, headers, body = call(proxy.port, "GET", "/healthz")
+        worker.release.set()
+        held_statuses = [future.result()[0] for future in held]
+        after_status = call(proxy.port, "GET", "/healthz")[0]
+    assert status == 429, f"request {limit + 1} in flight from one address was let through: {status} {body}"
+    assert body == {
+        "error": {
+            "code": "too_many_requests",
+            "message": "Too many requests in flight from this address; retry later.",
+            "field": None,
+        }
+    }, body
+    assert headers["Retry-After"] == "1" and HEX_ID.fullmatch(headers["X-Request-ID"]), headers.items()
+    assert held_statuses == [200] * limit, f"the requests within the limit failed: {held_statuses}"
+    assert after_status == 200, f"the limit did not free up once the requests finished: {after_status}"
+
+
+@pytest.mark.parametrize(
+    ("trusted", "client"),
+    [
+        (["127.0.0.1"], "192.0.2.5"),
+        (["192.0.2.0/24", "127.0.0.0/8"], "203.0.113.9"),
+        ([], "127.0.0.1"),
+        (["192.0.2.0/24"], "127.0.0.1"),
+    ],
+    ids=["trusted-peer", "trusted-chain", "none-trusted", "peer-not-trusted"],
+)
+def test_client_address_comes_from_x_forwarded_for_only_via_a_trusted_balancer(worker_ports, tmp_path, trusted, client):
+    """Each trusted hop names the address it saw; the rightmost untrusted one is the client.
+
+    The header reads: what the client wrote itself (198.51.100.7), the client as the
+    outer balancer saw it (203.0.113.9), that balancer as the inner one saw it
+    (192.0.2.5); the inner one connects to nginx from 127.0.0.1.
+    """
+    request_id = uuid.uuid4().hex
+    headers = {"X-Request-ID": request_id, "X-Forwarded-For": "198.51.100.7, 203.0.113.9, 192.0.2.5"}
+    with running_nginx(tmp_path / "nginx", worker_ports, falcon_real_ip_from=trusted) as proxy:
+        status, _, _ = fetch(proxy.port, "/healthz", headers=headers)
+        entries = proxy.log_entries(lambda es: any(e["request_id"] == request_id for e in es))
+    assert status == 200
+    (entry,) = [e for e in entries if e["request_id"] == request_id]
+    assert entry["remote_addr"] == client, f"trusting {trusted}, nginx took the client to be {entry['remote_addr']}"
+
+
+def test_each_client_behind_a_trusted_balancer_has_its_own_limit(tmp_path):
+    """Without real IP every client of the balancer would share one address's limit."""
+    with (
+        holding_worker(hold=1) as worker,
+        running_nginx(
+            tmp_path / "nginx", [worker.port], falcon_conn_limit=1, falcon_real_ip_from=["127.0.0.1"]
+        ) as proxy,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        held = pool.submit(call, proxy.port, "GET", "/healthz", headers={"X-Forwarded-For": "203.0.113.9"})
+        wait_held(worker, 1)
+        other_client = call(proxy.port, "GET", "/healthz", headers={"X-Forwarded-For": "203.0.113.10"})[0]
+        same_client = call(proxy.port, "GET", "/healthz", headers={"X-Forwarded-For": "203.0.113.9"})[0]
+        worker.release.set()
+        assert held.result()[0] == 200
+    assert (other_client, same_client) == (200, 429), (
+        f"a second client got {other_client} (want 200), the busy client's second request {same_client} (want 429)"
+    )
