@@ -30,7 +30,7 @@ E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl ipro
 # tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.
 TEST_MODEL_DIR := models/sentiment
 
-.PHONY: help venv deploy-tools run test test-unit lint model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
+.PHONY: help venv deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health
 
 help:  ## List the targets
@@ -87,6 +87,7 @@ test: $(STAMP) $(DEPLOY_STAMP)  ## Install the test packages, then run lint and 
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(TEST_SYSTEM_PACKAGES)
 	$(PY) scripts/train_model.py --output-dir $(TEST_MODEL_DIR)
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory audit
 	FALCON_REQUIRE_MODEL=1 $(VENV)/bin/pytest --durations=15
 
 test-unit: $(STAMP)  ## Unit tests only: seconds, no servers, no model training
@@ -96,6 +97,9 @@ lint: $(STAMP)  ## ruff (lint and format), mypy (types; setup.cfg [mypy])
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+audit: $(STAMP)  ## pip-audit the pinned runtime set: a known vulnerability fails; no database only warns
+	PIP_AUDIT=$(VENV)/bin/pip-audit PYTHON=$(PY) bash scripts/audit.sh
 
 bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path
 	$(PY) scripts/bench/bench_model.py --model-dir $(MODEL_DIR)

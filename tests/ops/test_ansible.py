@@ -560,3 +560,63 @@ def test_alertmanager_config_requires_tls_and_diff_does_not_print_the_secrets(tm
         "smtp_auth_username": "am",
         "smtp_auth_password": SMTP_PASSWORD["prometheus_alertmanager_smtp_auth_password"],
     }
+
+
+# --- Grafana: apt trusts its key only by the pinned fingerprint ----------------------
+
+GRAFANA_ROLE = ANSIBLE_DIR / "roles" / "grafana"
+
+
+def _gpg_key(gnupg: Path, name: str, *, subkey: bool = False) -> tuple[str, list[str]]:
+    """Make a throw-away key; return it armored and its fingerprints (primary first)."""
+    gpg = [require_tool("gpg", "gpg"), "--homedir", str(gnupg), "--batch", "--passphrase", ""]
+    user_id = f"{name} <{name}@example.invalid>"
+    subprocess.run([*gpg, "--quick-gen-key", user_id, "ed25519", "sign", "never"], check=True)
+    listing = subprocess.run([*gpg, "--with-colons", "--list-keys", name], capture_output=True, text=True, check=True)
+    primary = re.findall(r"^fpr:+([0-9A-F]{40}):", listing.stdout, re.MULTILINE)[0]
+    if subkey:
+        subprocess.run([*gpg, "--quick-add-key", primary, "ed25519", "sign", "never"], check=True)
+    listing = subprocess.run([*gpg, "--with-colons", "--list-keys", name], capture_output=True, text=True, check=True)
+    armored = subprocess.run([*gpg, "--armor", "--export", primary], capture_output=True, text=True, check=True)
+    return armored.stdout, re.findall(r"^fpr:+([0-9A-F]{40}):", listing.stdout, re.MULTILINE)
+
+
+def test_grafana_apt_key_is_trusted_only_with_the_pinned_fingerprint(tmp_path: Path) -> None:
+    """The role's key tasks install a key file only when its one primary key is the pinned one.
+
+    Refused: another key; the pinned key with a second one beside it; a key that carries the
+    pinned fingerprint only as a subkey (anyone can bind a public key as their own subkey).
+    """
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    grafana, (grafana_fpr, _) = _gpg_key(gnupg, "grafana", subkey=True)  # its fpr lines: primary, subkey
+    other, (other_fpr,) = _gpg_key(gnupg, "other")
+    wrapper, (_, wrapped_fpr) = _gpg_key(gnupg, "wrapper", subkey=True)
+    cases = {  # host: (key file served, pinned fingerprint, trusted)
+        "pinned": (grafana, grafana_fpr, True),
+        "pinned_spaced_lowercase": (grafana, " ".join([grafana_fpr[:20], grafana_fpr[20:]]).lower(), True),
+        "other_key": (other, grafana_fpr, False),
+        "extra_key": (grafana + other, grafana_fpr, False),
+        "pinned_as_subkey": (wrapper, wrapped_fpr, False),
+    }
+    assert other_fpr != grafana_fpr
+    hosts = {}
+    for host, (key, pinned, _) in cases.items():
+        (tmp_path / f"{host}.asc").write_text(key)
+        hosts[host] = {
+            "grafana_apt_key_url": f"file://{tmp_path}/{host}.asc",
+            "grafana_apt_key_fingerprint": pinned,
+            "grafana_apt_keyring": f"{tmp_path}/keyrings/{host}/grafana.asc",
+        }
+    tasks = [{"name": "Run the key tasks", "ansible.builtin.import_tasks": str(GRAFANA_ROLE / "tasks" / "apt_key.yml")}]
+    output = _play(tmp_path, tasks, hosts, role=GRAFANA_ROLE)
+    recap = _recap(output)
+    for host, (key, _, trusted) in cases.items():
+        keyring = tmp_path / "keyrings" / host / "grafana.asc"
+        assert bool(recap[host]["failed"]) != trusted, f"{host}: expected trusted={trusted}\n{output}"
+        if trusted:
+            assert keyring.read_text() == key, f"{host}: the verified key was not installed"
+        else:
+            assert not keyring.exists(), f"{host}: an unverified key reached the keyring apt reads"
+    again = _recap(_play(tmp_path, tasks, {"pinned": hosts["pinned"]}, role=GRAFANA_ROLE))
+    assert (again["pinned"]["changed"], again["pinned"]["failed"]) == (0, 0), "a second run must change nothing"
