@@ -93,7 +93,7 @@ write_inventory() {
   # Secrets go on the host line: host variables outrank the playbook's
   # group_vars/all.yml placeholders, [falcon:vars] in an inventory file does not.
   local name secrets=""
-  for name in vault_redis_password vault_postgresql_owner_password \
+  for name in vault_redis_password vault_redis_exporter_password vault_postgresql_owner_password \
               vault_postgresql_writer_password vault_grafana_admin_password; do
     secrets+=" $name=$(openssl rand -hex 24)"
   done

@@ -105,6 +105,20 @@ check_http() {
   curl -sS -m 10 -o "$WORK/public_models.json" "$URL/v1/models"
   check "/v1/models through nginx: name, version, labels only" \
     test "$(py 'sorted(d["models"][0])' "$WORK/public_models.json")" = "['labels', 'name', 'version']"
+  # Redis ACL users (roles/redis): the service's user cannot flush or reconfigure, the
+  # exporter reads INFO, an anonymous client gets nothing. Passwords via REDISCLI_AUTH.
+  local redis_acl
+  redis_acl=$(ssh_cmd 'bash -s' 2>&1 <<'EOF'
+app_pw=$(sed -n 's|^REDIS_URL=redis://falcon:\([^@]*\)@.*|\1|p' /etc/falcon-svc/falcon-svc.env)
+exp_pw=$(sed -n 's|^REDIS_PASSWORD=||p' /etc/default/prometheus-redis-exporter)
+REDISCLI_AUTH=$app_pw redis-cli --user falcon FLUSHALL 2>&1
+REDISCLI_AUTH=$app_pw redis-cli --user falcon CONFIG SET maxmemory 1 2>&1
+REDISCLI_AUTH=$exp_pw redis-cli --user exporter INFO server 2>&1 | grep -c '^redis_version:'
+redis-cli PING 2>&1
+EOF
+  )
+  check "Redis ACL: falcon cannot FLUSHALL or CONFIG SET, exporter reads INFO, anonymous refused ($(tr '\n' ' ' <<<"$redis_acl"))" \
+    test "$(printf '%s\n' "$redis_acl" | cut -d' ' -f1 | tr '\n' ' ')" = "NOPERM NOPERM 1 NOAUTH "
   check "GET / through nginx: the demo page" grep -q 'src="/static/app.js"' <(curl -sS -m 10 "$URL/")
   out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/docs/swagger-ui-bundle.js")
   check "GET /docs/swagger-ui-bundle.js through nginx ($out)" test "$out" = 200
