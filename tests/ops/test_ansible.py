@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -581,14 +583,23 @@ def _gpg_key(gnupg: Path, name: str, *, subkey: bool = False) -> tuple[str, list
     return armored.stdout, re.findall(r"^fpr:+([0-9A-F]{40}):", listing.stdout, re.MULTILINE)
 
 
-def test_grafana_apt_key_is_trusted_only_with_the_pinned_fingerprint(tmp_path: Path) -> None:
+@pytest.fixture
+def gnupg(tmp_path: Path) -> Iterator[Path]:
+    """A throw-away GnuPG home; its agent is stopped afterwards (gpg starts one per home)."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    yield home
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf:
+        subprocess.run([gpgconf, "--homedir", str(home), "--kill", "gpg-agent"], check=False, capture_output=True)
+
+
+def test_grafana_apt_key_is_trusted_only_with_the_pinned_fingerprint(tmp_path: Path, gnupg: Path) -> None:
     """The role's key tasks install a key file only when its one primary key is the pinned one.
 
     Refused: another key; the pinned key with a second one beside it; a key that carries the
     pinned fingerprint only as a subkey (anyone can bind a public key as their own subkey).
     """
-    gnupg = tmp_path / "gnupg"
-    gnupg.mkdir(mode=0o700)
     grafana, (grafana_fpr, _) = _gpg_key(gnupg, "grafana", subkey=True)  # its fpr lines: primary, subkey
     other, (other_fpr,) = _gpg_key(gnupg, "other")
     wrapper, (_, wrapped_fpr) = _gpg_key(gnupg, "wrapper", subkey=True)
