@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from metric_names import metric_series
 from prometheus_client.metrics import MetricWrapperBase
 
 from falcon_svc import metrics
@@ -156,21 +157,6 @@ def top_level_names() -> set[str]:
     ).stdout.split()
     names = {name.split("/")[0] for name in listed}
     names |= {name.split("/")[1] for name in listed if name.startswith("ansible/") and name.count("/") >= 1}
-    return names
-
-
-def metric_series() -> set[str]:
-    """Every series name falcon_svc.metrics can expose."""
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "gauge": ("",),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
-    }
-    names = set()
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            names.update(value._name + suffix for suffix in suffixes[value._type])
     return names
 
 

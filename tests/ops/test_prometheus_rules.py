@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
+from metric_names import metric_series
 from tools import require_tool
-
-from falcon_svc import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO_ROOT / "prometheus"
@@ -58,21 +56,6 @@ def _alerts() -> list[dict[str, Any]]:
 def _github_anchor(heading: str) -> str:
     """GitHub's heading anchor: lowercase, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-
-
-def _known_metric_names() -> set[str]:
-    """Every series name falcon_svc.metrics can expose."""
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "gauge": ("",),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
-    }
-    names = set()
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            names.update(value._name + suffix for suffix in suffixes[value._type])
-    return names
 
 
 def test_rule_files_and_tests_exist() -> None:
@@ -148,7 +131,7 @@ def test_every_runbook_anchor_is_a_runbook_heading() -> None:
 
 
 def test_every_falcon_metric_in_the_rules_exists() -> None:
-    known = _known_metric_names()
+    known = metric_series()
     assert "falcon_http_requests_total" in known, f"metric discovery is broken: {sorted(known)}"
     unknown = {
         (path.name, name)
