@@ -24,7 +24,7 @@ LOAD_DOTENV := if [ -f .env ]; then saved=$$(export -p); set -a; . ./.env; set +
 # The Debian packages whose binaries and servers the tests run (tests/tools.py: a
 # missing one fails under CI). chromium and chromium-driver: the browser tests.
 TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node-exporter \
-  prometheus-alertmanager systemd chromium chromium-driver
+  prometheus-alertmanager systemd chromium chromium-driver gpg
 # What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
 E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl iproute2
 # tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.
