@@ -107,6 +107,7 @@ check_http() {
     test "$(py 'sorted(d["models"][0])' "$WORK/public_models.json")" = "['labels', 'name', 'version']"
   # Redis ACL users (roles/redis): the service's user cannot flush or reconfigure, the
   # exporter reads INFO, an anonymous client gets nothing. Passwords via REDISCLI_AUTH.
+  # redis-cli follows each error with an empty line: the check reads first words of non-empty lines.
   local redis_acl
   redis_acl=$(ssh_cmd 'bash -s' 2>&1 <<'EOF'
 app_pw=$(sed -n 's|^REDIS_URL=redis://falcon:\([^@]*\)@.*|\1|p' /etc/falcon-svc/falcon-svc.env)
@@ -118,7 +119,7 @@ redis-cli PING 2>&1
 EOF
   )
   check "Redis ACL: falcon cannot FLUSHALL or CONFIG SET, exporter reads INFO, anonymous refused ($(tr '\n' ' ' <<<"$redis_acl"))" \
-    test "$(printf '%s\n' "$redis_acl" | cut -d' ' -f1 | tr '\n' ' ')" = "NOPERM NOPERM 1 NOAUTH "
+    test "$(awk 'NF {printf "%s ", $1}' <<<"$redis_acl")" = "NOPERM NOPERM 1 NOAUTH "
   check "GET / through nginx: the demo page" grep -q 'src="/static/app.js"' <(curl -sS -m 10 "$URL/")
   out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/docs/swagger-ui-bundle.js")
   check "GET /docs/swagger-ui-bundle.js through nginx ($out)" test "$out" = 200
