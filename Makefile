@@ -22,9 +22,10 @@ $(call setting,BIND,127.0.0.1:8000)
 LOAD_DOTENV := if [ -f .env ]; then saved=$$(export -p); set -a; . ./.env; set +a; eval "$$saved"; fi
 
 # The Debian packages whose binaries and servers the tests run (tests/tools.py: a
-# missing one fails under CI). chromium and chromium-driver: the browser tests.
+# missing one fails under CI). chromium and chromium-driver: the browser tests; gpg and
+# gpg-agent (key generation needs the agent): the Grafana key test.
 TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node-exporter \
-  prometheus-alertmanager systemd chromium chromium-driver gpg
+  prometheus-alertmanager systemd chromium chromium-driver gpg gpg-agent
 # What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
 E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl iproute2
 # tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.

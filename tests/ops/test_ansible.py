@@ -571,6 +571,7 @@ GRAFANA_ROLE = ANSIBLE_DIR / "roles" / "grafana"
 
 def _gpg_key(gnupg: Path, name: str, *, subkey: bool = False) -> tuple[str, list[str]]:
     """Make a throw-away key; return it armored and its fingerprints (primary first)."""
+    require_tool("gpg-agent", "gpg-agent")  # gpg generates secret keys through the agent
     gpg = [require_tool("gpg", "gpg"), "--homedir", str(gnupg), "--batch", "--passphrase", ""]
     user_id = f"{name} <{name}@example.invalid>"
     subprocess.run([*gpg, "--quick-gen-key", user_id, "ed25519", "sign", "never"], check=True)
