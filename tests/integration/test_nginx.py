@@ -367,8 +367,8 @@ def test_a_stopped_unit_is_failed_over_without_an_error(dummy_model_dir, worker_
 
 
 @contextmanager
-def dying_worker() -> Iterator[int]:
-    """Listen like a worker, read each request, then close without answering (a worker killed mid-request)."""
+def fake_worker(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """Listen like a worker on a free port; hand each connection to ``handle`` on its own thread."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -379,10 +379,7 @@ def dying_worker() -> Iterator[int]:
                 connection, _ = listener.accept()
             except TimeoutError:
                 continue
-            with connection:
-                connection.settimeout(2)
-                with suppress(OSError):
-                    connection.recv(65536)
+            threading.Thread(target=handle, args=(connection,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -392,6 +389,20 @@ def dying_worker() -> Iterator[int]:
         stop.set()
         thread.join(timeout=5)
         listener.close()
+
+
+@contextmanager
+def dying_worker() -> Iterator[int]:
+    """Listen like a worker, read each request, then close without answering (a worker killed mid-request)."""
+
+    def read_then_close(connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(2)
+            with suppress(OSError):
+                connection.recv(65536)
+
+    with fake_worker(read_then_close) as port:
+        yield port
 
 
 def test_a_post_whose_worker_died_mid_request_is_retried(worker_ports, tmp_path):
@@ -623,10 +634,7 @@ class HoldingWorker:
 @contextmanager
 def holding_worker(hold: int) -> Iterator[HoldingWorker]:
     """Listen like a worker; hold ``hold`` requests until ``release`` is set (always set on exit)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    worker = HoldingWorker(listener.getsockname()[1], threading.Semaphore(0), threading.Event())
-    stop = threading.Event()
+    held, release = threading.Semaphore(0), threading.Event()
     holding = threading.Semaphore(hold)
     reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
@@ -640,27 +648,15 @@ def holding_worker(hold: int) -> Iterator[HoldingWorker]:
                     return
                 head += chunk
             if holding.acquire(blocking=False):
-                worker.held.release()
-                worker.release.wait(30)
+                held.release()
+                release.wait(30)
             connection.sendall(reply)
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=answer, args=(connection,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.release.set()
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
+    with fake_worker(answer) as port:
+        try:
+            yield HoldingWorker(port, held, release)
+        finally:
+            release.set()
 
 
 def wait_held(worker: HoldingWorker, count: int) -> None:
