@@ -9,6 +9,7 @@ outgrow it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -46,8 +47,20 @@ def comment(text: str) -> str:
     return "\n".join(["#", *(f"# {line}" for line in text.splitlines()), "#"])
 
 
+def truthy(value: object) -> bool:
+    """Jinja's `| bool` as Ansible defines it: a real bool, or a true-looking string or number."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in {"true", "yes", "on", "1"}
+
+
+# An if block (trim_blocks: its tags eat their newline) holding no other if: innermost first.
+IF_BLOCK = re.compile(
+    r"\{% if (\w+) \| bool %\}\n((?:(?!\{% if ).)*?)(?:\{% else %\}\n((?:(?!\{% if ).)*?))?\{% endif %\}\n",
+    re.DOTALL,
+)
+
+
 def render(template: str, variables: dict[str, object]) -> str:
-    """Render the template's Jinja subset: for loops, `| comment`, `| default('...')`."""
+    """Render the template's Jinja subset: for loops, `{% if x | bool %}`, `| comment`, `| default('...')`."""
 
     def loop(match: re.Match[str]) -> str:
         name, items, body = match.groups()
@@ -63,6 +76,10 @@ def render(template: str, variables: dict[str, object]) -> str:
 
     # trim_blocks, as Ansible's template module sets it: a block tag eats its newline.
     text = re.sub(r"\{% for (\w+) in (\w+) %\}\n(.*?)\{% endfor %\}\n", loop, template, flags=re.DOTALL)
+    while (block := IF_BLOCK.search(text)) is not None:
+        name, then, otherwise = block.groups()
+        chosen = then if truthy(variables[name]) else otherwise or ""
+        text = text[: block.start()] + chosen + text[block.end() :]
     text = re.sub(r"\{\{ (\w+)(?: \| (comment|default)(?:\('([^']*)'\))?)? \}\}", expression, text)
     leftover = re.findall(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", text)
     assert not leftover, f"the test renderer does not know these template constructs: {leftover}"
@@ -71,11 +88,16 @@ def render(template: str, variables: dict[str, object]) -> str:
 
 @dataclass
 class Proxy:
-    """A running nginx: its public and status ports and its JSON access log."""
+    """A running nginx: its address, public (plain HTTP) and status ports, and its JSON access log.
+
+    ``https_port`` is None unless the test rendered TLS on.
+    """
 
     port: int
     status_port: int
     access_log: Path
+    host: str = "127.0.0.1"
+    https_port: int | None = None
 
     def log_entries(self, until: Callable[[list[dict]], bool] = bool, within: float = 5.0) -> list[dict]:
         """The access log's entries, once ``until(entries)`` holds (or ``within`` seconds passed).
@@ -92,8 +114,13 @@ class Proxy:
 
 
 # The role's defaults for the client limits (ansible/roles/nginx/defaults/main.yml),
-# except a connection limit no test reaches by accident; a test overrides what it probes.
+# except limits no test reaches by accident; a test overrides what it probes.
+# TLS is off here: `tls=` of running_nginx turns it on (test_nginx_tls.py).
 CLIENT_LIMITS: dict[str, object] = {
+    "falcon_address_rate_limit": "1000r/s",
+    "falcon_address_rate_burst": 1000,
+    "falcon_http_redirect": True,
+    "falcon_plain_http_addresses": ["127.0.0.1", "::1"],
     "falcon_conn_limit": 100,
     "falcon_client_header_timeout": "10s",
     "falcon_client_body_timeout": "10s",
@@ -105,20 +132,51 @@ CLIENT_LIMITS: dict[str, object] = {
 }
 
 
+@dataclass
+class TlsFiles:
+    """A certificate and its private key, as PEM files."""
+
+    certificate: Path
+    key: Path
+
+
+def tls_variables(proxy: Proxy, tls: TlsFiles | None) -> dict[str, object]:
+    """The template's TLS variables: off, or on for ``proxy``'s https port with ``tls``'s files."""
+    if tls is None:
+        return {"falcon_tls_enabled": False}
+    return {
+        "falcon_tls_enabled": True,
+        "falcon_nginx_https_listen": f"{proxy.host}:{proxy.https_port}",
+        "falcon_https_port_suffix": f":{proxy.https_port}",
+        "falcon_tls_certificate": str(tls.certificate),
+        "falcon_tls_certificate_key": str(tls.key),
+    }
+
+
 @contextmanager
 def running_nginx(
     directory: Path,
     worker_ports: list[int],
     rate: str = "1000r/s",
     burst: int = 1000,
+    host: str = "127.0.0.1",
+    tls: TlsFiles | None = None,
     **overrides: object,
 ) -> Iterator[Proxy]:
     """Render the template for `worker_ports`, check it with `nginx -t`, serve it, always stop it.
 
-    ``overrides`` replace template variables by name (``falcon_conn_limit=2``).
+    nginx listens on ``host`` (any loopback address); with ``tls`` it also serves
+    HTTPS with those files on a port of its own. ``overrides`` replace template
+    variables by name (``falcon_conn_limit=2``).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    proxy = Proxy(port=free_port(), status_port=free_port(), access_log=directory / "access.log")
+    proxy = Proxy(
+        port=free_port(),
+        status_port=free_port(),
+        access_log=directory / "access.log",
+        host=host,
+        https_port=free_port() if tls else None,
+    )
     site = directory / "falcon-svc.conf"
     unknown = set(overrides) - set(CLIENT_LIMITS)
     assert not unknown, f"not a client-limit variable of the template: {unknown}"
@@ -128,7 +186,7 @@ def running_nginx(
             {
                 "ansible_managed": "Ansible managed: test render",
                 "falcon_worker_ports": worker_ports,
-                "falcon_nginx_listen": f"127.0.0.1:{proxy.port}",
+                "falcon_nginx_listen": f"{host}:{proxy.port}",
                 "falcon_nginx_status_port": proxy.status_port,
                 "falcon_max_body_size": "2m",
                 "falcon_rate_limit": rate,
@@ -138,6 +196,7 @@ def running_nginx(
                 "falcon_web_root": str(WEB_ROOT),
             }
             | CLIENT_LIMITS
+            | tls_variables(proxy, tls)
             | overrides,
         )
     )
@@ -158,11 +217,23 @@ def running_nginx(
     assert checked.returncode == 0, f"nginx -t rejects the rendered template:\n{checked.stderr}"
     process = subprocess.Popen([*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(proxy.port, within=10)
         wait_for_port(proxy.status_port, within=10)
+        for port in (proxy.port, proxy.https_port):
+            if port is not None:
+                wait_for_address(host, port, within=10)
         yield proxy
     finally:
         stop_process(process, timeout=10)
+
+
+def wait_for_address(host: str, port: int, within: float) -> None:
+    """Wait until something listens on ``host:port`` (servers.wait_for_port knows 127.0.0.1 only)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {within} s")
 
 
 def start_worker(stack: ExitStack, model_dir: Path, directory: Path, name: str) -> tuple[int, subprocess.Popen]:
@@ -195,7 +266,8 @@ def test_template_starts_with_the_ansible_managed_banner():
     rendered = render(
         TEMPLATE.read_text(),
         {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())}
-        | {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001], "falcon_real_ip_from": []},
+        | {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001], "falcon_real_ip_from": []}
+        | {"falcon_tls_enabled": True, "falcon_http_redirect": True, "falcon_plain_http_addresses": []},
     )
     assert rendered.startswith("#\n# Ansible managed\n#\n"), rendered[:80]
 
@@ -389,6 +461,58 @@ def fake_worker(handle: Callable[[socket.socket], None]) -> Iterator[int]:
         stop.set()
         thread.join(timeout=5)
         listener.close()
+
+
+def key_id_of(key: str) -> str:
+    """The key id json_worker names for ``key``: not the key, and not derivable back to it."""
+    return "kid-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def read_request(connection: socket.socket) -> tuple[str, dict[str, str], bytes] | None:
+    """Read one HTTP/1.1 request: (request line, headers with lower-case names, body); None if closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (f.partition(":") for f in fields)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return line, headers, body
+
+
+@contextmanager
+def json_worker() -> Iterator[int]:
+    """Listen like a worker that checks API keys: 200 JSON to every request, X-Client-Key-Id for a Bearer key.
+
+    The body echoes the method, target and body length, so a test can see what reached
+    the worker. Any key is accepted (key checks are the app's, tested there).
+    """
+
+    def answer(connection: socket.socket) -> None:
+        with connection, suppress(OSError):
+            connection.settimeout(30)
+            while (request := read_request(connection)) is not None:
+                line, headers, body = request
+                method, target, _ = line.split(" ", 2)
+                payload = json.dumps({"method": method, "target": target, "body_bytes": len(body)}).encode()
+                extra = ""
+                if (authorization := headers.get("authorization", "")).startswith("Bearer "):
+                    extra = f"X-Client-Key-Id: {key_id_of(authorization.removeprefix('Bearer '))}\r\n"
+                connection.sendall(
+                    f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                    f"{extra}\r\n".encode()
+                    + payload
+                )
+
+    with fake_worker(answer) as port:
+        yield port
 
 
 @contextmanager
