@@ -31,7 +31,7 @@ E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl ipro
 # tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.
 TEST_MODEL_DIR := models/sentiment
 
-.PHONY: help venv deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
+.PHONY: help venv lock deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health
 
 help:  ## List the targets
@@ -43,19 +43,31 @@ system-deps:  ## Install every Debian/Ubuntu package that run, test and e2e need
 e2e-system-deps:
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh $(E2E_SYSTEM_PACKAGES)
 
+# The hash-pinned locks `make venv` installs from (`make lock` writes them from the *.txt
+# pins; tests/ops/test_supply_chain.py checks they agree). A wildcard: a copy of the
+# Makefile without them (tests/ops/test_make_run.py) still parses.
+LOCKS := $(wildcard requirements-build.lock requirements-dev.lock requirements-nodeps.lock)
+
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml \
-  $(wildcard scripts/meinheld/*)
+  $(LOCKS) $(wildcard scripts/meinheld/*)
 	@PYTHON=$(PYTHON) bash scripts/install_system_deps.sh
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
-	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	@# Every file pip fetches must have a sha256 in a lock (--require-hashes): a tampered or
+	@# substituted file fails the install. pip, setuptools and wheel come first, from their
+	@# lock: meinheld and this package build with --no-build-isolation, so no build
+	@# fetches an unpinned setuptools.
+	$(PIP) install -q --require-hashes -r requirements-build.lock
+	$(PIP) install -q --require-hashes -r requirements-dev.lock
+	$(PIP) install -q --require-hashes --no-deps -r requirements-nodeps.lock
 	@# meinheld with our C patches (JSON error pages, an early 100 Continue): README.
 	bash scripts/meinheld/install.sh $(PY)
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
 venv: $(STAMP)  ## Create .venv with the pinned packages
+
+lock:  ## Rewrite the hash-pinned *.lock files from the *.txt pins (pip-compile; needs PyPI)
+	PYTHON=$(PYTHON) bash scripts/lock_requirements.sh
 
 # Ansible and ansible-lint live in their own venv: the service never imports them.
 DEPLOY_STAMP := .venv-deploy/.installed
@@ -99,7 +111,7 @@ lint: $(STAMP)  ## ruff (lint and format), mypy (types; setup.cfg [mypy])
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-audit: $(STAMP)  ## pip-audit the pinned runtime set: a known vulnerability fails; no database only warns
+audit: $(STAMP)  ## pip-audit the locked runtime set: a known vulnerability fails; no database only warns
 	PIP_AUDIT=$(VENV)/bin/pip-audit PYTHON=$(PY) bash scripts/audit.sh
 
 bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path

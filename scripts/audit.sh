@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# Audit the pinned runtime set (requirements.txt, requirements-nodeps.txt) for known
-# vulnerabilities with pip-audit (`make audit`; `make test` runs it first).
+# Audit the locked runtime set for known vulnerabilities with pip-audit (`make audit`;
+# `make test` runs it first): requirements.lock (the production host's packages),
+# requirements-nodeps.lock, requirements-build.lock (pip, setuptools and wheel, which
+# build the wheels), and meinheld 1.0.2, whose sdist scripts/meinheld/build_wheel.sh
+# pins by hash outside the locks.
 #
 # Exit 1 when pip-audit reports a known vulnerability: CI must stop on it. When the
 # vulnerability database cannot be asked (no network, a mirror without PyPI's per-version
 # JSON API) or some packages could not be audited, print a WARNING naming them and exit 0:
 # an offline build still tests, and says loudly that it could not audit.
-# The pins are exact and complete, so pip-audit checks them as written (--no-deps
-# --disable-pip): nothing is resolved or installed.
+# The locks are exact, complete and hashed, so pip-audit reads them as written
+# (--require-hashes --disable-pip): nothing is resolved or installed.
 #
 # Environment (optional):
 #   PIP_AUDIT         the pip-audit executable (default .venv/bin/pip-audit)
 #   PYTHON            reads pip-audit's JSON report (default .venv/bin/python)
-#   AUDIT_REQUIREMENTS the files to audit (default "requirements.txt requirements-nodeps.txt")
+#   AUDIT_REQUIREMENTS the files to audit (default: the three locks and the meinheld pin)
 # Extra arguments go to pip-audit (e.g. --vulnerability-service osv).
 set -uo pipefail # no -e: pip-audit's exit code is judged below, not fatal by itself
 
 PIP_AUDIT=${PIP_AUDIT:-.venv/bin/pip-audit}
 PYTHON=${PYTHON:-.venv/bin/python}
-read -r -a requirement_files <<<"${AUDIT_REQUIREMENTS:-requirements.txt requirements-nodeps.txt}"
-
 report=$(mktemp)
-trap 'rm -f "$report" "$report.err"' EXIT
+pins=$(mktemp -d)
+meinheld=$pins/meinheld-sdist.txt
+trap 'rm -rf "$report" "$report.err" "$pins"' EXIT
+sdist_sha256=$(sed -nE 's/^sdist_sha256=([0-9a-f]{64})$/\1/p' "$(dirname "$0")/meinheld/build_wheel.sh")
+echo "meinheld==1.0.2 --hash=sha256:$sdist_sha256" >"$meinheld"
+read -r -a requirement_files <<<"${AUDIT_REQUIREMENTS:-requirements.lock requirements-nodeps.lock requirements-build.lock $meinheld}"
 failed=0
 for requirements in "${requirement_files[@]}"; do
   : >"$report"
-  "$PIP_AUDIT" --requirement "$requirements" --no-deps --disable-pip --progress-spinner off \
+  "$PIP_AUDIT" --requirement "$requirements" --require-hashes --disable-pip --progress-spinner off \
     --format json --output "$report" "$@" 2>"$report.err"
   code=$?
   # pip-audit exits 1 both for a finding and for a crash (an unreachable service):

@@ -29,7 +29,9 @@ need() {  # need PACKAGE PROBE-COMMAND...: add PACKAGE unless the probe succeeds
 
 # venv + pip (Debian splits ensurepip out of python3)
 need python3-venv "$python" -c 'import ensurepip'
-# meinheld is built from source: a compiler and the headers of this Python
+# meinheld is built from source here (a development machine, CI, the Ansible controller;
+# never on a production host, which installs the controller's wheel): a compiler and the
+# headers of this Python
 need python3-dev "$python" -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))'
 need build-essential command -v gcc
 need wrk command -v wrk
