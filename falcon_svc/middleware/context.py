@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import re
 import time
@@ -14,6 +14,9 @@ from falcon_svc import metrics
 from falcon_svc.inference import Inference
 from falcon_svc.logs import AccessLog
 from falcon_svc.requestlog import LogRow, RequestLog
+from falcon_svc.requestlog.rows import text_hmac
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is honoured only if it is short and plain, so it is safe in logs,
@@ -50,10 +53,23 @@ def elapsed_ms(req: falcon.Request) -> float:
 class RequestContext:
     """Falcon middleware: request id, timing, metrics and the access log line."""
 
-    def __init__(self, worker_id: str, access_log: bool = True, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        access_log: bool = True,
+        request_log: RequestLog | None = None,
+        *,
+        text_hmac_key: bytes | None = None,
+    ) -> None:
+        """``text_hmac_key`` (LOG_TEXT_HMAC_KEY) keys the logged text digest; without it none is logged."""
         self._worker_id = worker_id
         self._access_log = AccessLog() if access_log else None
         self._request_log = request_log
+        self._text_hmac_key = text_hmac_key or None
+        if request_log is not None and self._text_hmac_key is None:
+            # NOTE: an unkeyed digest would be reversible by a dictionary of short
+            # texts, so rather none than that; said once per worker, at start.
+            logger.warning("LOG_TEXT_HMAC_KEY is unset: request_log rows are written with text_hmac NULL")
         # (route, method, status) -> labelled metric children: .labels() costs
         # microseconds per call, and the key space is bounded (routes, methods).
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -95,6 +111,8 @@ class RequestContext:
                     "status": status,
                     "latency_ms": round(seconds * 1000.0, 3),
                     "worker": self._worker_id,
+                    # The API key's id (falcon_svc/auth), never the key; None with API keys off.
+                    "client_key_id": req.context.get("client_key_id"),
                 }
             )
 
@@ -113,7 +131,7 @@ class RequestContext:
         n_texts: int | None = None
         cache_hit: bool | None = None
         text_length: int | None = None
-        text_sha256: str | None = None
+        digest: str | None = None
         text: str | None = None
         inference: Inference | None = req.context.get("inference")
         if inference is not None:
@@ -125,12 +143,11 @@ class RequestContext:
             if n_texts == 1:
                 label = results[0].prediction.label
                 confidence = results[0].prediction.confidence
-                text_sha256 = results[0].digest
                 text = texts[0]
             else:
-                # A batch is identified by the hash of its texts' hashes, in order.
-                text_sha256 = hashlib.sha256("\x1e".join(result.digest for result in results).encode()).hexdigest()
                 text = "\x1e".join(texts)
+            # A batch is identified by the HMAC of its texts' digests, in order.
+            digest = text_hmac(self._text_hmac_key, [result.digest for result in results])
         return LogRow(
             # NOTE: the key is ours, not the client's X-Request-ID, which a retry
             # may repeat: each request gets its own row.
@@ -149,6 +166,8 @@ class RequestContext:
             idempotent_replay=bool(req.context.get("idempotent_replay")),
             latency_ms=round(seconds * 1000.0, 3),
             text_length=text_length,
-            text_sha256=text_sha256,
+            text_hmac=digest,
             text=text,
+            # NOTE: set by the API-key middleware: the key's id, never the key.
+            client_key_id=req.context.get("client_key_id"),
         )

@@ -6,6 +6,10 @@ migration leaves neither half-applied DDL nor a record claiming it ran.
 A session-level advisory lock serialises concurrent runs (two hosts deploying at
 once, ``falcon-svc migrate`` racing a worker), so running it twice, or twice at
 the same time, is safe.
+
+After the migrations, request_log's daily partitions for today and the days ahead
+are created (``retention.maintain``, without dropping anything: dropping is the
+retention timer's job), so a fresh install never writes into the default partition.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from importlib import resources
 
 import psycopg
@@ -59,8 +64,11 @@ def load_migrations() -> list[Migration]:
     return [found[version] for version in sorted(found)]
 
 
-def apply_migrations(dsn: str) -> list[str]:
+def apply_migrations(dsn: str, *, today: date | None = None) -> list[str]:
     """Apply every migration not yet recorded in ``schema_migrations``; return their versions.
+
+    Then create the request_log partitions of ``today`` (default: the UTC date) and the
+    days ahead, moving any rows of those days out of the default partition.
 
     Raises:
         MigrationError: a migration failed (its transaction was rolled back).
@@ -85,9 +93,22 @@ def apply_migrations(dsn: str) -> list[str]:
                     continue
                 _apply_one(conn, migration)
                 applied_now.append(migration.version)
+            _create_partitions_ahead(conn, today or datetime.now(UTC).date())
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
     return applied_now
+
+
+def _create_partitions_ahead(conn: psycopg.Connection, today: date) -> None:
+    """Create the day partitions ahead; nothing is dropped (``retention_days=None``)."""
+    from falcon_svc.requestlog import retention
+
+    try:
+        retention.maintain(conn, today=today, retention_days=None)
+    except psycopg.OperationalError:
+        raise
+    except (psycopg.Error, retention.RetentionError) as ex:
+        raise MigrationError(f"creating the request_log partitions failed: {ex}") from ex
 
 
 def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:

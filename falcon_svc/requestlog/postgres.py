@@ -1,8 +1,11 @@
 """Write request-log rows to PostgreSQL: the connection pool, the SQL, and which errors are worth retrying.
 
 A write is one transaction: COPY into a temporary staging table, then
-``INSERT ... SELECT ... ON CONFLICT (log_id) DO NOTHING``, so a row written twice
-(a retried batch, a replayed spool file) is stored once. A write is one attempt:
+``INSERT ... SELECT ... ON CONFLICT (log_id, received_at) DO NOTHING``, so a row
+written twice (a retried batch, a replayed spool file) is stored once: the
+conflict target is request_log's primary key, which must hold the partition key
+(received_at, migration 0002), and a row carries both values unchanged into
+every retry and the spool. A write is one attempt:
 whether to retry, spool or stop trying is the queue's business (``RequestLog``).
 """
 
@@ -32,14 +35,14 @@ CREATE TEMPORARY TABLE request_log_staging (
     log_id text, request_id text, received_at double precision, route text, method text, status smallint,
     worker_id text, model_version text, label text, confidence double precision, n_texts integer,
     cache_hit boolean, idempotent_replay boolean, latency_ms double precision, text_length integer,
-    text_sha256 text, text text
+    text_hmac text, text text, client_key_id text
 ) ON COMMIT DELETE ROWS
 """
 _COPY = f"COPY request_log_staging ({_COLUMN_LIST}) FROM STDIN"
 _MOVE = (
     f"INSERT INTO request_log ({_COLUMN_LIST}) "
     f"SELECT {_COLUMN_LIST.replace('received_at', 'to_timestamp(received_at)')} FROM request_log_staging "
-    "ON CONFLICT (log_id) DO NOTHING"
+    "ON CONFLICT (log_id, received_at) DO NOTHING"
 )
 
 # NOTE: psycopg maps connection failures, admin shutdown (57P01), query

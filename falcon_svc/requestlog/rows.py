@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from falcon_svc.requestlog.spool_files import Record
@@ -17,6 +20,13 @@ class LogRow:
     spool; PostgreSQL turns it into a ``timestamptz`` with ``to_timestamp``.
     ``text`` is kept only when the log was built with ``log_text=True``
     (LOG_REQUEST_TEXT); otherwise ``submit`` blanks it before it is queued or spooled.
+    ``text_hmac`` is the keyed digest of the text (``text_hmac``, LOG_TEXT_HMAC_KEY),
+    None without a key; ``client_key_id`` the id of the API key that authenticated
+    the request (never the key itself), None without one.
+
+    NOTE: spool files written before migration 0002 hold ``text_sha256`` and no
+    ``client_key_id``: the writer reads records by these names, so their rows are
+    replayed with both NULL (the unkeyed digest is deliberately not carried over).
     """
 
     log_id: str
@@ -34,8 +44,9 @@ class LogRow:
     idempotent_replay: bool | None
     latency_ms: float | None
     text_length: int | None
-    text_sha256: str | None
+    text_hmac: str | None
     text: str | None = None
+    client_key_id: str | None = None
 
 
 # The columns of request_log that a row fills, in LogRow's order (the COPY's order too).
@@ -45,3 +56,20 @@ COLUMNS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LogR
 def row_record(row: LogRow) -> Record:
     """Return ``row`` as the JSON-ready dict the spool stores and the writer takes."""
     return {name: getattr(row, name) for name in COLUMNS}
+
+
+def text_hmac(key: bytes | None, digests: Sequence[str]) -> str | None:
+    """Return the keyed digest logged for texts whose sha256 hex ``digests`` are given; None without a key.
+
+    One text: HMAC-SHA256(key, its sha256 hex). A batch: the HMAC of its digests
+    joined by U+001E, in order, so the same batch always gives the same value.
+
+    NOTE: the HMAC is over the sha256 the request path already computed for the
+    cache key (one extra HMAC of 64 bytes per row, about a microsecond), not over
+    the text. It is still keyed: without the key nobody can compute the HMAC of a
+    guessed text's sha256, so a dictionary of short texts no longer reverses the
+    log (sha256 being collision resistant, hash-then-MAC is as strong as the HMAC).
+    """
+    if key is None or not digests:
+        return None
+    return hmac.new(key, "\x1e".join(digests).encode("ascii"), hashlib.sha256).hexdigest()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import RedisServer
+from servers import PostgresServer, RedisServer
 
 
 @pytest.fixture
@@ -18,3 +18,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster (initdb + pg_ctl) shared by one module's tests, destroyed after them."""
+    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+    server.init()
+    try:
+        yield server
+    finally:
+        server.destroy()

@@ -144,16 +144,17 @@ def test_the_grant_steps_change_things_once_and_then_nothing(deployed: Deployed)
     assert "ansible-changed" not in second, f"a second run must change nothing (idempotent): {second}"
     first, second = deployed.table_grants
     assert "revoked SELECT on request_log" in first and "granted SELECT (log_id)" in first, first
+    assert "granted SELECT (received_at)" in first, first
     assert "ansible-changed" not in second, f"a second run must change nothing (idempotent): {second}"
 
 
 def test_the_owner_role_runs_the_migrations(deployed: Deployed) -> None:
-    assert deployed.migrated == ["0001"], "the owner applied the migrations"
+    assert deployed.migrated == ["0001", "0002"], "the owner applied the migrations"
     assert apply_migrations(deployed.dsn(OWNER)) == [], "and a second run, as the owner, applies nothing"
 
 
 def test_the_real_request_log_writes_as_the_writer_role(deployed: Deployed, tmp_path: Path) -> None:
-    """COPY into its temporary table, INSERT ... ON CONFLICT (log_id) DO NOTHING, the SELECT 1 probe."""
+    """COPY into its temporary table, INSERT ... ON CONFLICT (log_id, received_at) DO NOTHING, the SELECT 1 probe."""
     spool = Spool(tmp_path / "spool", max_bytes=10**7)
     log = make_log(deployed.dsn(WRITER), spool)
     rows = [make_row(i, "grants") for i in range(120)]
@@ -171,15 +172,16 @@ def test_the_real_request_log_writes_as_the_writer_role(deployed: Deployed, tmp_
     writer.open()
     try:
         writer.probe()
-        # A retried batch: the rows conflict on log_id and are skipped, which needs SELECT (log_id).
+        # A retried batch: the rows conflict on the key and are skipped, which needs SELECT (log_id, received_at).
         writer.write([row_record(row) for row in rows[:10]], operation="write_batch")
     finally:
         writer.close()
     assert _stored(deployed, "grants") == 120, "a retried batch is stored once"
 
 
-def test_the_writer_needs_select_on_log_id_for_its_conflict_target(deployed: Deployed) -> None:
-    """Why the writer has SELECT (log_id): without it PostgreSQL refuses ON CONFLICT (log_id).
+@pytest.mark.parametrize("column", ["log_id", "received_at"])
+def test_the_writer_needs_select_on_each_conflict_target_column(deployed: Deployed, column: str) -> None:
+    """Why the writer has SELECT (log_id, received_at): without either PostgreSQL refuses the ON CONFLICT.
 
     If this stops failing (the writer dropped the conflict target, or PostgreSQL stopped
     asking), request_log_grants.sql can grant INSERT alone.
@@ -187,7 +189,7 @@ def test_the_writer_needs_select_on_log_id_for_its_conflict_target(deployed: Dep
     owner = psycopg.connect(deployed.dsn(OWNER), autocommit=True)
     writer = PostgresWriter(deployed.dsn(WRITER), pool_timeout=5.0)
     try:
-        owner.execute(f"REVOKE SELECT (log_id) ON request_log FROM {WRITER}")
+        owner.execute(f"REVOKE SELECT ({column}) ON request_log FROM {WRITER}")
         writer.open()
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="request_log"):
             writer.write([row_record(make_row(1, "insert-only"))], operation="write_batch")
@@ -195,7 +197,48 @@ def test_the_writer_needs_select_on_log_id_for_its_conflict_target(deployed: Dep
         writer.close()
         owner.close()
         restored = TABLE_GRANTS.run(deployed.server, deployed.database)
-    assert "granted SELECT (log_id)" in restored, f"the role's grants put it back: {restored}"
+    assert f"granted SELECT ({column})" in restored, f"the role's grants put it back: {restored}"
+
+
+def test_the_writer_writes_into_partitions_the_retention_job_created(deployed: Deployed) -> None:
+    """A partition created after the grants ran (by the owner, as the timer does) takes the writer's rows."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from falcon_svc.requestlog import retention
+
+    far = date.today() + timedelta(days=100)
+    with psycopg.connect(deployed.dsn(OWNER), autocommit=True) as conn:
+        retention.maintain(conn, today=far, retention_days=None, days_ahead=0)
+    row = make_row(1, "new-partition")
+    row.received_at = datetime(far.year, far.month, far.day, 12, tzinfo=UTC).timestamp()
+    writer = PostgresWriter(deployed.dsn(WRITER), pool_timeout=5.0)
+    writer.open()
+    try:
+        writer.write([row_record(row)] * 2, operation="write_batch")
+    finally:
+        writer.close()
+    with psycopg.connect(deployed.dsn(OWNER)) as conn:
+        stored = conn.execute("SELECT tableoid::regclass::text FROM request_log WHERE log_id = %s", (row.log_id,))
+        assert stored.fetchall() == [(retention.partition_name(far),)], "stored once, in the new partition"
+
+
+def test_the_writer_cannot_drop_or_create_partitions(deployed: Deployed) -> None:
+    """Only the owner (the retention unit) manages partitions: the internet-facing writer cannot."""
+    with psycopg.connect(deployed.dsn(OWNER)) as conn:
+        (name,) = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'request_log'::regclass AND c.relname <> 'request_log_default' LIMIT 1"
+        ).fetchone() or ("",)
+    for statement in (
+        f"DROP TABLE {name}",
+        "DELETE FROM request_log_default",
+        "ALTER TABLE request_log DETACH PARTITION request_log_default",
+    ):
+        with (
+            psycopg.connect(deployed.dsn(WRITER), autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(statement)
 
 
 @pytest.mark.parametrize(
@@ -203,6 +246,7 @@ def test_the_writer_needs_select_on_log_id_for_its_conflict_target(deployed: Dep
     [
         "SELECT text FROM request_log",
         "SELECT request_id, route, label FROM request_log",
+        "SELECT text_hmac, client_key_id FROM request_log",
         "UPDATE request_log SET label = 'x'",
         "DELETE FROM request_log",
         "TRUNCATE request_log",

@@ -27,13 +27,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg"))
-    server.init()
-    try:
-        yield server
-    finally:
-        server.destroy()
+def postgres(module_postgres: PostgresServer) -> PostgresServer:
+    return module_postgres
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +89,7 @@ def make_row(i: int, run: str) -> LogRow:
         idempotent_replay=False,
         latency_ms=1.25,
         text_length=11,
-        text_sha256="a" * 64,
+        text_hmac="a" * 64,
         text="hello\tworld",
     )
 
@@ -182,7 +177,7 @@ def submit_all(log: RequestLog, rows: list[LogRow]) -> list[float]:
 
 
 def test_migrations_apply_once_and_create_the_table_and_indexes(fresh_dsn: str) -> None:
-    assert apply_migrations(fresh_dsn) == ["0001"]
+    assert apply_migrations(fresh_dsn) == ["0001", "0002"]
     assert apply_migrations(fresh_dsn) == [], "a second run must apply nothing"
 
     with psycopg.connect(fresh_dsn) as conn:
@@ -193,7 +188,7 @@ def test_migrations_apply_once_and_create_the_table_and_indexes(fresh_dsn: str) 
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'request_log'"
             ).fetchall()
         )
-    assert versions == [("0001", "request_log")]
+    assert versions == [("0001", "request_log"), ("0002", "partitioned_request_log")]
     # The runbook's queries all bound received_at: one cheap BRIN index serves them,
     # and the primary key is the only B-tree the writer pays for.
     assert any("USING brin (received_at)" in index for index in indexes), indexes
@@ -201,7 +196,8 @@ def test_migrations_apply_once_and_create_the_table_and_indexes(fresh_dsn: str) 
     assert columns["received_at"] == "timestamp with time zone"
     assert columns["status"] == "smallint"
     assert columns["confidence"] == "double precision"
-    assert len(columns) == 17
+    assert "text_sha256" not in columns and columns["text_hmac"] == "text"
+    assert len(columns) == 18
 
 
 def test_concurrent_migration_runs_apply_each_version_once(fresh_dsn: str) -> None:
@@ -222,7 +218,7 @@ def test_concurrent_migration_runs_apply_each_version_once(fresh_dsn: str) -> No
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    assert sorted(results) == [[], [], ["0001"]], "exactly one run should apply 0001"
+    assert sorted(results) == [[], [], ["0001", "0002"]], "exactly one run should apply each version"
 
 
 # --- writing ----------------------------------------------------------------------

@@ -414,7 +414,16 @@ def test_redis_back_clears_degraded_without_any_request_using_redis(dummy_model_
 def test_request_log_row_shape(dummy_model_dir, tmp_path, redis_server, postgres):
     port = free_port()
     # One worker: its rows are written in the order it answered.
-    env = full_env(dummy_model_dir, port, tmp_path, redis_server, postgres, WORKER_CLASS="sync", WORKERS="1")
+    env = full_env(
+        dummy_model_dir,
+        port,
+        tmp_path,
+        redis_server,
+        postgres,
+        WORKER_CLASS="sync",
+        WORKERS="1",
+        LOG_TEXT_HMAC_KEY="k" * 32,
+    )
     with running_service(env, tmp_path / "service.log"):
         _, _, single = call(port, "POST", "/infer", {"text": "A lovely quiet room"})
         _, _, batch = call(port, "POST", "/infer/batch", {"texts": ["one", "two"]})
@@ -430,7 +439,7 @@ def test_request_log_row_shape(dummy_model_dir, tmp_path, redis_server, postgres
         rows = {
             row[0]: row
             for row in conn.execute(
-                "SELECT request_id, route, status, label, n_texts, text_length, text_sha256, text, log_id "
+                "SELECT request_id, route, status, label, n_texts, text_length, text_hmac, text, log_id "
                 "FROM request_log"
             )
         }

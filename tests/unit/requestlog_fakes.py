@@ -213,7 +213,7 @@ def make_row(i: int, text: str | None = None) -> LogRow:
         idempotent_replay=False,
         latency_ms=1.2,
         text_length=5,
-        text_sha256="0" * 64,
+        text_hmac="0" * 64,
         text=text,
     )
 

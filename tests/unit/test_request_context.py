@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import json
 import re
 from typing import Any
@@ -50,11 +52,26 @@ def logged_client(settings: Settings, model: Model, request_log: FakeRequestLog)
     )
 
 
-def batch_sha256(texts: list[str]) -> str:
-    return hashlib.sha256("\x1e".join(text_digest(text) for text in texts).encode()).hexdigest()
+KEY = b"k" * 32
 
 
-def test_one_text_is_logged_with_its_label_and_hash(logged_client, request_log, model: Model):
+@pytest.fixture
+def keyed_client(settings: Settings, model: Model, request_log: FakeRequestLog) -> falcon.testing.TestClient:
+    """The app as get_app builds it when LOG_TEXT_HMAC_KEY is set."""
+    deps = Dependencies(request_log=request_log)  # type: ignore[arg-type]
+    keyed = dataclasses.replace(settings, log_text_hmac_key=KEY.decode())
+    return falcon.testing.TestClient(
+        create_app(keyed, model, dependencies=deps, lifecycle=Lifecycle(), worker_id="test:1")
+    )
+
+
+def keyed_digest(texts: list[str]) -> str:
+    """HMAC-SHA256 under KEY of the texts' sha256 digests joined by U+001E (one text: its digest)."""
+    message = "\x1e".join(text_digest(text) for text in texts).encode()
+    return hmac.new(KEY, message, hashlib.sha256).hexdigest()
+
+
+def test_one_text_is_logged_with_its_label_and_no_digest_without_a_key(logged_client, request_log, model: Model):
     result = logged_client.simulate_post("/infer", body=json.dumps({"text": "I love it"}), headers=JSON)
     (row,) = request_log.rows
     assert row.route == "/infer" and row.method == "POST" and row.status == 200, row
@@ -63,33 +80,42 @@ def test_one_text_is_logged_with_its_label_and_hash(logged_client, request_log, 
     assert row.worker_id == "test:1" and row.model_version == model.version
     assert (row.label, row.confidence) == (result.json["label"], result.json["confidence"])
     assert (row.n_texts, row.cache_hit, row.idempotent_replay) == (1, False, False)
-    assert (row.text, row.text_length, row.text_sha256) == ("I love it", 9, text_digest("I love it"))
+    assert (row.text, row.text_length) == ("I love it", 9)
+    assert row.text_hmac is None, "without LOG_TEXT_HMAC_KEY no digest is logged (an unkeyed one is reversible)"
+    assert row.client_key_id is None, "no API key, no key id"
     assert row.latency_ms is not None and row.latency_ms >= 0
 
 
-def test_a_batch_is_logged_by_the_hash_of_its_hashes(logged_client, request_log, model: Model):
+def test_one_text_is_logged_by_the_keyed_digest_of_its_sha256(keyed_client, request_log):
+    keyed_client.simulate_post("/infer", body=json.dumps({"text": "I love it"}), headers=JSON)
+    (row,) = request_log.rows
+    assert row.text_hmac == keyed_digest(["I love it"]), row
+    assert row.text_hmac != text_digest("I love it"), "the plain sha256 (a dictionary reverses it) is not logged"
+
+
+def test_a_batch_is_logged_by_the_keyed_digest_of_its_digests(keyed_client, request_log, model: Model):
     texts = ["I love it", "awful", "I love it"]
-    logged_client.simulate_post("/infer/batch", body=json.dumps({"texts": texts}), headers=JSON)
+    keyed_client.simulate_post("/infer/batch", body=json.dumps({"texts": texts}), headers=JSON)
     (row,) = request_log.rows
     assert (row.route, row.n_texts, row.model_version) == ("/infer/batch", 3, model.version)
     assert (row.label, row.confidence) == (None, None), "a batch has no one label"
-    assert row.text_sha256 == batch_sha256(texts)
+    assert row.text_hmac == keyed_digest(texts)
     assert (row.text, row.text_length) == ("\x1e".join(texts), sum(map(len, texts)))
 
 
-def test_a_v2_inference_is_logged_under_its_route_template(logged_client, request_log, model: Model):
+def test_a_v2_inference_is_logged_under_its_route_template(keyed_client, request_log, model: Model):
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["good", "bad"]}]}
-    result = logged_client.simulate_post(f"/v2/models/{model.name}/infer", body=json.dumps(body), headers=JSON)
+    result = keyed_client.simulate_post(f"/v2/models/{model.name}/infer", body=json.dumps(body), headers=JSON)
     assert result.status_code == 200, result.text
     (row,) = request_log.rows
-    assert (row.route, row.n_texts, row.text_sha256) == ("/v2/models/{name}/infer", 2, batch_sha256(["good", "bad"]))
+    assert (row.route, row.n_texts, row.text_hmac) == ("/v2/models/{name}/infer", 2, keyed_digest(["good", "bad"]))
 
 
-def test_a_refused_request_is_logged_without_inference_columns(logged_client, request_log):
-    logged_client.simulate_post("/infer", body=json.dumps({"text": ""}), headers=JSON)
+def test_a_refused_request_is_logged_without_inference_columns(keyed_client, request_log):
+    keyed_client.simulate_post("/infer", body=json.dumps({"text": ""}), headers=JSON)
     (row,) = request_log.rows
     assert row.status == 422 and row.route == "/infer"
-    inference_columns = ("model_version", "label", "confidence", "n_texts", "cache_hit", "text_length", "text_sha256")
+    inference_columns = ("model_version", "label", "confidence", "n_texts", "cache_hit", "text_length", "text_hmac")
     assert {name: getattr(row, name) for name in inference_columns} == dict.fromkeys(inference_columns), row
     assert row.text is None
 
@@ -127,3 +153,33 @@ def test_an_idempotent_replay_is_marked():
     inference = Inference(["a"], [Result(PREDICTION, True, text_digest("a"))], "v1")
     assert row_for(inference).idempotent_replay is False
     assert row_for(inference, idempotent_replay=True).idempotent_replay is True
+
+
+class _Authenticated:
+    """Stands in for the API-key middleware: it leaves the key's id (never the key) on the context."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.client_key_id = "team-a"
+
+
+class _Classified:
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.inference = Inference(["hi"], [Result(PREDICTION, False, text_digest("hi"))], "v1")
+        resp.media = {"ok": True}
+
+
+def test_the_row_names_the_client_key_id_and_keys_its_digest(request_log, caplog):
+    context = RequestContext("test:1", False, request_log, text_hmac_key=KEY)  # type: ignore[arg-type]
+    app = falcon.App(middleware=[context, _Authenticated()])
+    app.add_route("/infer", _Classified())
+    falcon.testing.TestClient(app).simulate_post("/infer")
+    (row,) = request_log.rows
+    assert row.client_key_id == "team-a", row
+    assert row.text_hmac == keyed_digest(["hi"]), row
+    assert "LOG_TEXT_HMAC_KEY" not in caplog.text, "no warning when the key is set"
+
+
+def test_an_unset_key_is_said_once_at_start_naming_the_setting(request_log, caplog):
+    RequestContext("test:1", False, request_log)  # type: ignore[arg-type]
+    warnings = [record for record in caplog.records if "LOG_TEXT_HMAC_KEY" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING", caplog.text

@@ -17,7 +17,7 @@ from servers import free_port
 
 from falcon_svc.requestlog import PostgresWriter
 from falcon_svc.requestlog.postgres import _copy_values, is_transient
-from falcon_svc.requestlog.rows import row_record
+from falcon_svc.requestlog.rows import COLUMNS, row_record
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_only_a_rows_content_counts_as_poison(error: BaseException, poison: bool
 
 def test_nul_and_lone_surrogates_are_replaced_not_dropped() -> None:
     row = make_row(1, text="nul\x00 and lone \ud800 surrogate")
-    assert _copy_values(row_record(row))[-1] == "nul\ufffd and lone ? surrogate"
+    assert _copy_values(row_record(row))[COLUMNS.index("text")] == "nul\ufffd and lone ? surrogate"
 
 
 def test_each_attempt_is_timed_as_a_postgres_call_of_its_operation(unreachable: PostgresWriter) -> None:
@@ -95,3 +95,13 @@ def test_a_writer_that_was_not_opened_says_so_and_closes_quietly() -> None:
     with pytest.raises(RuntimeError, match=r"open\(\) was not called"):
         writer.probe()
     writer.close()
+
+
+def test_a_spool_record_from_before_migration_0002_replays_without_its_unkeyed_digest():
+    """Spool files written by the previous release hold text_sha256 and no client_key_id."""
+    old = {name: value for name, value in row_record(make_row(1)).items() if name not in ("text_hmac", "client_key_id")}
+    old["text_sha256"] = "a" * 64
+    values = dict(zip(COLUMNS, _copy_values(old), strict=True))
+    assert values["text_hmac"] is None and values["client_key_id"] is None, values
+    assert "text_sha256" not in COLUMNS, "the unkeyed digest must not be written again"
+    assert values["log_id"] == old["log_id"] and values["received_at"] == old["received_at"], "same key: stored once"

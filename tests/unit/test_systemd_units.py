@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from tools import require_tool, skip_or_fail, tools_required
 
 from falcon_svc.settings import Settings
@@ -258,3 +259,99 @@ def test_readme_and_e2e_checks_state_the_same_exposure_bound():
         f"this test {MAX_EXPOSURE}"
     )
     assert measured <= MAX_EXPOSURE, f"README.md's measured exposure {measured} is above the bound {MAX_EXPOSURE}"
+
+
+# --- The request-log retention job (falcon_svc/requestlog/retention.py) --------------
+RETENTION_SERVICE = SYSTEMD_DIR / "falcon-svc-retention.service"
+RETENTION_TIMER = SYSTEMD_DIR / "falcon-svc-retention.timer"
+# The hardening every unit of ours shares with the worker unit.
+SHARED_HARDENING = (
+    "NoNewPrivileges",
+    "CapabilityBoundingSet",
+    "AmbientCapabilities",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+    "RestrictRealtime",
+    "RestrictNamespaces",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "ProtectProc",
+    "ProcSubset",
+    "RemoveIPC",
+    "RestrictAddressFamilies",
+    "IPAddressDeny",
+    "IPAddressAllow",
+    "SystemCallArchitectures",
+    "SystemCallFilter",
+    "SystemCallErrorNumber",
+)
+
+
+@pytest.fixture(scope="module")
+def retention_service() -> dict[str, list[str]]:
+    return parse_unit(RETENTION_SERVICE)["Service"]
+
+
+def test_retention_runs_once_as_its_own_user_with_the_owner_passfile_as_a_credential(retention_service):
+    assert one(retention_service, "Type") == "oneshot"
+    assert one(retention_service, "ExecStart") == "/opt/falcon-svc/venv/bin/falcon-svc retention"
+    assert one(retention_service, "DynamicUser") == "yes", "not the workers' user: it must not read the credential"
+    assert "User" not in retention_service
+    role = SYSTEMD_DIR.parent / "ansible" / "roles" / "falcon_svc"
+    config_dir = yaml.safe_load((role / "defaults" / "main.yml").read_text())["falcon_svc_config_dir"]
+    passfile = yaml.safe_load((role / "vars" / "main.yml").read_text())["_falcon_svc_migrate_passfile"]
+    passfile = passfile.replace("{{ falcon_svc_config_dir }}", config_dir)
+    name, _, source = one(retention_service, "LoadCredential").partition(":")
+    assert source == passfile, f"the credential is not the migrations' passfile {passfile}"
+    assert f"PGPASSFILE=%d/{name}" in retention_service["Environment"], "libpq must read the credential's copy"
+    assert one(retention_service, "EnvironmentFile") == f"{config_dir}/retention.env"
+    assert not any("PASSWORD" in value.upper() for value in retention_service.get("Environment", []))
+
+
+def test_retention_is_hardened_like_the_worker(service, retention_service):
+    differ = {
+        key: (service.get(key), retention_service.get(key))
+        for key in SHARED_HARDENING
+        if service.get(key) != retention_service.get(key)
+    }
+    assert not differ, f"falcon-svc-retention.service hardening differs from the worker's: {differ}"
+
+
+def test_retention_timer_runs_daily_catches_up_and_spreads_hosts():
+    timer = parse_unit(RETENTION_TIMER)
+    assert one(timer["Timer"], "OnCalendar") == "daily"
+    assert one(timer["Timer"], "Persistent") == "true", "a run missed while the host was off happens at boot"
+    assert seconds(one(timer["Timer"], "RandomizedDelaySec")) > 0
+    assert "Unit" not in timer["Timer"], "the timer starts the service of its own name"
+    assert timer["Install"]["WantedBy"] == ["timers.target"]
+
+
+@pytest.fixture(scope="module")
+def retention_root(systemd_root: Path) -> Path:
+    for path in (RETENTION_SERVICE, RETENTION_TIMER):
+        shutil.copy(path, systemd_root / "etc/systemd/system" / path.name)
+    return systemd_root
+
+
+def test_systemd_analyze_verify_is_silent_on_the_retention_units(retention_root):
+    result = analyze("verify", f"--root={retention_root}", RETENTION_SERVICE.name, RETENTION_TIMER.name)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_retention_security_exposure_is_low(retention_root):
+    result = analyze("security", "--offline=yes", f"--root={retention_root}", RETENTION_SERVICE.name)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
+        skip_or_fail(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}", required=tools_required())
+    match = re.search(r"Overall exposure level for falcon-svc-retention\.service: (\d+(?:\.\d+)?)", output)
+    assert match, f"no exposure line in: {output[-2000:]}"
+    assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"

@@ -5,10 +5,14 @@
 -- Each change prints a NOTICE starting with "ansible-changed" (the task's changed).
 --
 -- What the writer runs (falcon_svc/requestlog/postgres.py): COPY into its own temporary
--- table, then INSERT INTO request_log ... SELECT ... ON CONFLICT (log_id) DO NOTHING,
--- and SELECT 1 as a probe. INSERT is the privilege; the conflict target (log_id) makes
--- PostgreSQL require SELECT on that one column as well, so the writer gets SELECT (log_id)
--- and can read no other column: not the texts, routes or labels it wrote.
+-- table, then INSERT INTO request_log ... SELECT ... ON CONFLICT (log_id, received_at)
+-- DO NOTHING, and SELECT 1 as a probe. INSERT is the privilege; the conflict target (the
+-- primary key, which holds the partition key since migration 0002) makes PostgreSQL
+-- require SELECT on its columns as well, so the writer gets SELECT (log_id, received_at)
+-- and can read no other column: not the texts, digests, routes or labels it wrote.
+-- Privileges on the partitioned table cover its partitions (rows are routed through
+-- it), so the partitions the retention job creates need no grant; the writer cannot
+-- create, read or drop them.
 SET client_min_messages = notice;
 SET falcon.writer_role = :'writer_role';
 DO $$
@@ -27,6 +31,10 @@ BEGIN
   IF NOT has_column_privilege(writer, 'public.request_log', 'log_id', 'SELECT') THEN
     EXECUTE format('GRANT SELECT (log_id) ON public.request_log TO %I', writer);
     RAISE NOTICE 'ansible-changed: granted SELECT (log_id) on request_log to the writer';
+  END IF;
+  IF NOT has_column_privilege(writer, 'public.request_log', 'received_at', 'SELECT') THEN
+    EXECUTE format('GRANT SELECT (received_at) ON public.request_log TO %I', writer);
+    RAISE NOTICE 'ansible-changed: granted SELECT (received_at) on request_log to the writer';
   END IF;
 END
 $$;
