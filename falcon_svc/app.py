@@ -15,6 +15,9 @@ import falcon
 
 from falcon_svc import errors, metrics
 from falcon_svc.access import InternalAccess, parse_networks
+from falcon_svc.auth.keys import KeyStore
+from falcon_svc.auth.middleware import APIKeyAuth
+from falcon_svc.auth.served import keys_for_app
 from falcon_svc.dependencies import Dependencies, build_redis_dependencies, build_request_log
 from falcon_svc.inference import Classifier
 from falcon_svc.lifecycle import LIFECYCLE, Lifecycle
@@ -48,11 +51,13 @@ def create_app(
     dependencies: Dependencies | None = None,
     lifecycle: Lifecycle | None = None,
     worker_id: str | None = None,
+    api_keys: KeyStore | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """Return the WSGI app serving ``model`` under ``settings``.
 
     Without ``dependencies`` the app runs on the model alone (no cache, no
-    idempotency): what tests of the HTTP contract need.
+    idempotency): what tests of the HTTP contract need. Without ``api_keys``
+    every route is open; with them, the inference routes need a key.
     """
     deps = dependencies or Dependencies()
     lifecycle = lifecycle or Lifecycle()
@@ -61,9 +66,17 @@ def create_app(
     readiness = Readiness(model, lifecycle, deps)
     access = InternalAccess(parse_networks(settings.metrics_allowed_networks))
 
-    middleware: list[RequestContext | IdempotencyMiddleware] = [
-        RequestContext(worker_id, settings.access_log, deps.request_log)
+    middleware: list[RequestContext | APIKeyAuth | IdempotencyMiddleware] = [
+        RequestContext(
+            worker_id,
+            settings.access_log,
+            deps.request_log,
+            text_hmac_key=settings.log_text_hmac_key.encode() or None,
+        )
     ]
+    # NOTE: before idempotency, whose records are scoped by the client the key names.
+    if api_keys is not None:
+        middleware.append(APIKeyAuth(api_keys))
     if deps.idempotency is not None:
         middleware.append(IdempotencyMiddleware(deps.idempotency, settings))
     app = falcon.App(middleware=middleware)
@@ -109,6 +122,8 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     settings = load_settings_or_exit()
     configure_logging(settings.log_level)
     model = load_model_or_exit(settings)
+    # NOTE: the keys the gunicorn master read (falcon_svc/auth/served.py), so all workers agree.
+    api_keys = keys_for_app(settings)
     logger.info(
         "worker ready",
         extra={"model_version": model.version, "model_kind": model.kind, "scorer": model.scorer},
@@ -123,4 +138,4 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
         LIFECYCLE.on_exit(lambda: deps.close(LIFECYCLE.seconds_left(settings.graceful_shutdown_timeout_seconds)))
     else:
         logger.warning("request log disabled (REQUEST_LOG_ENABLED=false): no request_log rows are written")
-    return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE)
+    return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE, api_keys=api_keys)

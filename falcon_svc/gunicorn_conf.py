@@ -122,13 +122,22 @@ def on_starting(server: Arbiter) -> None:
     # NOTE: empty the metrics directory before importing the app, whose metric
     # objects open their files there on import.
     _reset_multiproc_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    from falcon_svc.auth.served import load_in_master as load_api_keys_in_master
     from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
 
     settings = load_settings_or_exit()
     model = load_model_or_exit(settings)
+    load_api_keys_in_master(settings)
     logging.getLogger("falcon_svc.app").info(
         "starting", extra={"model_version": model.version, "model_kind": model.kind, "bind": settings.bind}
     )
+
+
+def on_reload(server: Arbiter) -> None:
+    """Re-read API_KEYS_FILE before gunicorn forks the new workers; a bad file keeps the keys before it."""
+    from falcon_svc.auth.served import reload_in_master
+
+    reload_in_master()
 
 
 def _reset_multiproc_dir(path: Path) -> None:

@@ -116,9 +116,9 @@ def scoped_key(path: str, client_scope: str, key: str) -> str:
     """Return the client's key as stored: scoped per route and per client.
 
     Scoped, so that the same key on /infer and /infer/batch is two independent
-    requests, and so that (once API keys exist) one client can neither read
-    another's stored answer nor squat a key another will use. ``client_scope`` is
-    empty until authentication fills it (``req.context.client_id``).
+    requests, and so that one client can neither read another's stored answer nor
+    squat a key another will use. ``client_scope`` is the API key's id
+    (``req.context.client_id``, set by ``falcon_svc.auth``); empty with API keys off.
 
     Raises:
         ValueError: ``client_scope`` is not 0 to 64 of ``A-Z a-z 0-9 . _ -``

@@ -29,12 +29,20 @@ _PASSWORD_PARAMETER = re.compile(
 )
 
 
+# An API key, wherever it appears (``Authorization: Bearer ...`` or pasted alone):
+# the id part of ours (``fsk_<id>_``) is kept, it says whose key leaked.
+_BEARER = re.compile(r"(?P<key>\bBearer\s+)\S+", re.IGNORECASE)
+_API_KEY = re.compile(r"\b(?P<prefix>fsk_[A-Za-z0-9.-]{1,64}_)[A-Za-z0-9_-]+")
+
+
 def _mask_userinfo(match: re.Match[str]) -> str:
     user, colon, _secret = match["userinfo"].partition(":")
     return f"{match['scheme']}{user}{colon}{MASK if colon else ''}@"
 
 
 def redact(text: object) -> str:
-    """Return ``str(text)`` with every URL password and every ``password=`` value replaced by ``***``."""
+    """Return ``str(text)`` with every URL password, ``password=`` value and API key replaced by ``***``."""
     masked = _URL_USERINFO.sub(_mask_userinfo, str(text))
+    masked = _BEARER.sub(lambda match: f"{match['key']}{MASK}", masked)
+    masked = _API_KEY.sub(lambda match: f"{match['prefix']}{MASK}", masked)
     return _PASSWORD_PARAMETER.sub(lambda match: f"{match['key']}{MASK}", masked)

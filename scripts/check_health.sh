@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One look at a deployed falcon-svc host, first thing in triage (docs/RUNBOOK.md):
 # every unit the Ansible roles install, each worker's /readyz, whether nginx and
-# Prometheus know each worker, the Prometheus targets and firing alerts, and the
-# request-log backlog. One line per check, OK or FAIL (SKIP for what this host does
+# Prometheus know each worker, the Prometheus targets and firing alerts, the
+# request-log backlog, and the API key file (with FALCON_API_KEY: one /infer with it). One line per check, OK or FAIL (SKIP for what this host does
 # not install); exit 1 if any check failed, 0 otherwise.
 #
 # Run it ON the host, as root (it reads the env file and the spool directory):
@@ -14,6 +14,7 @@
 #   FALCON_ENV_FILE   the units' env file, for LOG_SPOOL_DIR   (default /etc/falcon-svc/falcon-svc.env)
 #   FALCON_NGINX_SITE the rendered nginx site with the upstreams (default /etc/nginx/conf.d/falcon-svc.conf)
 #   PROMETHEUS_URL    Prometheus' HTTP API                     (default http://127.0.0.1:9090)
+#   FALCON_API_KEY    an API key: check that a worker accepts it  (default none: not checked)
 set -uo pipefail # no -e: a failing check is recorded and reported, never fatal
 
 ENV_FILE=${FALCON_ENV_FILE:-/etc/falcon-svc/falcon-svc.env}
@@ -24,7 +25,8 @@ DEFAULT_SPOOL_DIR=/var/lib/falcon-svc/spool
 # prometheus, node_exporter, exporters). tests/ops/test_docs.py keeps this list in step
 # with the roles' systemd_service tasks.
 SERVICE_UNITS=(nginx redis-server postgresql prometheus prometheus-alertmanager prometheus-node-exporter
-  prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter)
+  prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter
+  falcon-svc-retention.timer)
 # Installed only where the role may install them (grafana_install_package: false skips it).
 OPTIONAL_UNITS=(grafana-server)
 
@@ -91,6 +93,10 @@ check_units() {
   for port in "${ports[@]}"; do check_unit "falcon-worker@$port"; done
   ((${#ports[@]})) || result FAIL unit 'falcon-worker@*' "no instances: none wanted by falcon-svc.target, none loaded"
   for unit in "${SERVICE_UNITS[@]}"; do check_unit "$unit"; done
+  # The retention job is a oneshot the timer starts: idle between runs, but its last run must not have failed.
+  if systemctl is-failed --quiet falcon-svc-retention.service; then
+    result FAIL unit falcon-svc-retention.service "last run failed (journalctl -u falcon-svc-retention.service)"
+  fi
   local clusters
   clusters=$(postgresql_clusters)
   if [[ -n $clusters ]]; then
@@ -218,6 +224,41 @@ check_backlog() {
   fi
 }
 
+# check_api_keys PORT: the key file the workers read (API_KEYS_FILE in the env file), and
+# with FALCON_API_KEY set, that the worker on PORT answers an /infer sent with it. The key
+# reaches curl through a 0600 header file (printf is a builtin), never a command line,
+# where ps shows it to every user of the host.
+check_api_keys() {
+  local port=$1 keys_file count mode code
+  keys_file=$(sed -nE 's/^API_KEYS_FILE=//p' "$ENV_FILE" 2>/dev/null | tail -n 1)
+  if [[ -z $keys_file ]]; then
+    result SKIP apikeys "API_KEYS_FILE" "API keys off: /infer is open (falcon_svc_api_keys_enabled: false)"
+    return
+  fi
+  if [[ ! -r $keys_file ]]; then
+    result FAIL apikeys "$keys_file" "missing or unreadable: the workers cannot start (rerun the playbook)"
+  else
+    count=$(grep -cvE '^[[:space:]]*(#|$)' "$keys_file")
+    mode=$(stat -c '%a %U:%G' "$keys_file")
+    # Group write or anything for others: the hashes are not secret, but who may add a key is.
+    if (((8#${mode%% *}) & 8#027)); then
+      result FAIL apikeys "$keys_file" "mode $mode: must be 0640 root:falcon or tighter"
+    else
+      result OK apikeys "$keys_file" "$count keys, mode $mode"
+    fi
+  fi
+  [[ -n ${FALCON_API_KEY:-} && -n $port ]] || return
+  (umask 077 && printf 'Authorization: Bearer %s\n' "$FALCON_API_KEY" >"$WORK/auth.header")
+  code=$(curl -sS -m 5 -o "$WORK/infer.json" -D "$WORK/infer.headers" -w '%{http_code}' \
+    "http://127.0.0.1:$port/infer" -H 'Content-Type: application/json' -H "@$WORK/auth.header" \
+    -H "X-Request-ID: check-health-$(date +%s)" -d '{"text": "health check"}' 2>"$WORK/curl.err")
+  if [[ $code == 200 ]]; then
+    result OK apikeys "FALCON_API_KEY" "POST /infer on falcon-worker@$port: 200 as $(sed -nE 's/^[Xx]-[Cc]lient-[Kk]ey-[Ii]d: *([^[:space:]]+).*/\1/p' "$WORK/infer.headers")"
+  else
+    result FAIL apikeys "FALCON_API_KEY" "POST /infer on falcon-worker@$port: HTTP $code (401: the key is not in $keys_file, or the workers were not reloaded)"
+  fi
+}
+
 run_checks() {
   local ports port
   LINES=()
@@ -231,6 +272,7 @@ run_checks() {
   check_prometheus_targets "${ports[@]}"
   check_alerts
   check_backlog
+  check_api_keys "${ports[0]:-}"
 }
 
 main() {

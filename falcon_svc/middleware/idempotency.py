@@ -68,8 +68,8 @@ class IdempotencyMiddleware:
         req.context.raw_body = raw
         if len(raw) > self._max_body:
             return
-        # NOTE: ``client_id`` is the client scope: set by authentication once API keys
-        # exist (issue 11), the API key's id; until then every client shares "".
+        # NOTE: ``client_id`` is the client scope: the API key's id, set by APIKeyAuth
+        # (falcon_svc/auth), which runs first; with API keys off every client shares "".
         client_scope = req.context.get("client_id") or ""
         request_fingerprint = fingerprint(
             req.method, req.path, req.content_type, raw, header_length=req.get_header(HEADER_LENGTH_HEADER)

@@ -1,6 +1,7 @@
 -- wrk script: POST /infer with a different, realistic text on every request, so
 -- nothing can be served from a cache; prints one JSON summary line at the end.
--- Env: BENCH_PATH (default /infer), BENCH_REPEAT=1 to send one fixed text.
+-- Env: BENCH_PATH (default /infer), BENCH_REPEAT=1 to send one fixed text,
+-- FALCON_API_KEY (sent as "Authorization: Bearer", when the service requires a key).
 local subjects = {"The delivery", "Customer support", "This laptop", "The hotel room", "My order",
   "The new update", "The battery", "Our waiter", "The checkout page", "The train"}
 local verbs = {"was", "seemed", "felt", "turned out", "is"}
@@ -24,6 +25,8 @@ function init(args)
   wrk.method = "POST"
   wrk.path = os.getenv("BENCH_PATH") or "/infer"
   wrk.headers["Content-Type"] = "application/json"
+  local key = os.getenv("FALCON_API_KEY")
+  if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
 end
 
 local function pick(list, n) return list[(n % #list) + 1] end

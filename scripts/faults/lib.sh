@@ -13,6 +13,7 @@
 #   FALCON_DB       database holding request_log         (default falcon)
 #   LOAD_RATE       steady requests per second, total    (default 40: under nginx's 50r/s per client)
 #   PYTHON          interpreter for loadgen.py           (default python3)
+#   FALCON_API_KEY  API key sent as "Authorization: Bearer" (default none: API keys off)
 set -euo pipefail
 
 FAULTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,6 +27,8 @@ RUN_ID=
 WORK=
 LOAD_PID=
 CHECKS_FAILED=0
+# curl arguments that send FALCON_API_KEY (fault_init fills them in).
+AUTH_CURL=()
 UNDO=()
 
 say() { printf '[%s %s] %s\n' "$FAULT_NAME" "$(date +%T)" "$*"; }
@@ -40,6 +43,13 @@ fault_init() {
   RUN_ID="$1-$(date +%s)-$RANDOM"
   WORK=$(mktemp -d "/tmp/falcon-fault-$1.XXXXXX")
   trap fault_cleanup EXIT
+  # NOTE: the key reaches curl through a 0600 header file (printf is a builtin), never a
+  # command line, where ps shows it to every user of the host; loadgen.py reads the env.
+  if [[ -n ${FALCON_API_KEY:-} ]]; then
+    (umask 077 && printf 'Authorization: Bearer %s\n' "$FALCON_API_KEY" >"$WORK/auth.header")
+    # shellcheck disable=SC2034  # read by the drills that source this file (redis_down.sh)
+    AUTH_CURL=(-H "@$WORK/auth.header")
+  fi
   trap 'exit 130' INT TERM
   say "run id $RUN_ID (X-Request-ID prefix), load ${LOAD_RATE}/s through $FALCON_URL"
 }

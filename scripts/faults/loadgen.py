@@ -13,9 +13,11 @@ Two modes:
            worker while all N are in flight, then waits for the N answers.
 
 Every request carries X-Request-ID "<run-id>-<n>", so the request log rows of a run
-can be counted in PostgreSQL. Prints, and writes to --out, a JSON summary: counts by
-HTTP status and by error kind, latency quantiles, the Idempotency-Status and
-cache_hit counts, and the first failures with their time offsets.
+can be counted in PostgreSQL, and ``Authorization: Bearer $FALCON_API_KEY`` when that
+variable is set (the environment, not an argument: ps shows arguments to everyone).
+Prints, and writes to --out, a JSON summary: counts by HTTP status and by error kind,
+latency quantiles, the Idempotency-Status and cache_hit counts, and the first failures
+with their time offsets.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import pathlib
 import random
 import threading
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 
 # Only loopback: these scripts inject faults and must never load anything else.
 ALLOWED_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# The service's API key, when it requires one (docs/SECURITY.md, "API keys").
+AUTH_HEADERS = {"Authorization": f"Bearer {key}"} if (key := os.environ.get("FALCON_API_KEY", "").strip()) else {}
 
 WORDS = (
     "the service was quick and friendly and I loved it",
@@ -163,7 +168,7 @@ def send(
     client: Client, tally: Tally, *, path: str, payload: dict, headers: dict, request_id: str, started: float
 ) -> None:
     body = json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json", "X-Request-ID": request_id, **headers}
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id, **AUTH_HEADERS, **headers}
     t0 = time.monotonic()
     status = error = idem = None
     cache_hit = False
@@ -240,7 +245,7 @@ def run_burst(args: argparse.Namespace, host: str, port: int) -> Tally:
             "POST",
             "/infer/batch",
             body=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+            headers={"Content-Type": "application/json", "X-Request-ID": request_id, **AUTH_HEADERS},
         )
         conns.append((conn, request_id, time.monotonic()))
     if args.ready_file:

@@ -39,7 +39,7 @@ recovered_after=
 streak=0
 started=$(date +%s)
 while (($(date +%s) - started < RECOVERY_SECONDS)); do
-  headers=$(curl -sS -m 5 -D - -o /dev/null "$FALCON_URL/infer" -H 'Content-Type: application/json' \
+  headers=$(curl -sS -m 5 -D - -o /dev/null "$FALCON_URL/infer" -H 'Content-Type: application/json' "${AUTH_CURL[@]}" \
     -H "X-Request-ID: $RUN_ID-recovery-$RANDOM$RANDOM" -H "X-Idempotency-Key: $RUN_ID-$RANDOM$RANDOM" \
     -d '{"text": "checking that the cache is back"}' || true)
   if grep -q '^HTTP/1.1 200' <<<"$headers" && ! grep -qi '^idempotency-status: unavailable' <<<"$headers"; then
