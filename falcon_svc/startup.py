@@ -52,21 +52,43 @@ def load_settings_or_exit() -> Settings:
 
 
 def load_model_or_exit(settings: Settings) -> Model:
-    """Return the configured model, or log one line and exit ``EXIT_NO_MODEL``."""
+    """Return the configured model, or log one line and exit ``EXIT_NO_MODEL``.
+
+    With MODEL_PUBLIC_KEY the artifact must be signed by one of its keys (checked
+    before unpickling); an unreadable key file is a configuration error (``EXIT_CONFIG``).
+    """
     # NOTE: imported here, in the worker: the gunicorn master imports this module
     # too and has no use for scikit-learn.
     from falcon_svc.model import ModelLoadError, load_model
+    from falcon_svc.model.artifact import UNAUTHENTICATED
+    from falcon_svc.model.signing import PublicKeyError, SignatureError, load_public_keys
 
     try:
-        model = load_model(settings.model_dir, fast_path=settings.fast_path)
+        public_keys = load_public_keys(settings.model_public_key)
+    except PublicKeyError as ex:
+        logger.critical("invalid configuration: MODEL_PUBLIC_KEY: %s", ex, extra={"exit_code": EXIT_CONFIG})
+        sys.exit(EXIT_CONFIG)
+    try:
+        model = load_model(settings.model_dir, fast_path=settings.fast_path, public_keys=public_keys)
     except ModelLoadError as ex:
+        # NOTE: retraining cannot fix a signature; the message says what would.
+        hint = "" if isinstance(ex, SignatureError) else " (train it with: make model)"
         logger.critical(
-            "cannot load the model from %s: %s (train it with: make model)",
+            "cannot load the model from %s: %s%s",
             settings.model_dir,
             ex,
+            hint,
             extra={"exit_code": EXIT_NO_MODEL},
         )
         sys.exit(EXIT_NO_MODEL)
+    signature = model.metadata["signature"]
+    if signature == UNAUTHENTICATED:
+        logger.warning(
+            "model in %s is not authenticated: MODEL_PUBLIC_KEY is unset, so only its sha256 is checked",
+            settings.model_dir,
+        )
+    else:
+        logger.info("model in %s: signature %s", settings.model_dir, signature)
     if model.kind == "dummy":
         if not settings.allow_dummy_model:
             logger.critical(

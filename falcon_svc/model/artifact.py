@@ -1,26 +1,38 @@
 """Write and read the versioned model artifact: ``model.joblib`` + ``metadata.json``.
 
 The metadata records the joblib file's sha256; loading refuses a file whose hash
-differs, so a half-copied or swapped model never serves traffic.
+differs, so a half-copied or swapped model never serves traffic. That is integrity,
+not authentication: whoever can write the model can rewrite its metadata too. With
+trusted public keys (MODEL_PUBLIC_KEY) loading also requires ``signature.json``, an
+Ed25519 signature over both files' bytes (falcon_svc/model/signing.py), checked on
+the very bytes that are then parsed and unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import joblib
 import sklearn
 from sklearn.pipeline import Pipeline
 
+if TYPE_CHECKING:
+    from falcon_svc.model.signing import PublicKey
+
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
+SIGNATURE_FILE = "signature.json"
+# NOTE: what read_artifact records in the loaded metadata's "signature" key when no
+# key is configured; startup.py turns it into its one warning line.
+UNAUTHENTICATED = "not verified (MODEL_PUBLIC_KEY is unset)"
 # Bump whenever the fitted pipeline's shape changes, or a class or function it
 # pickles by import path moves (features.LexiconFeatures, features.preprocess), so
 # old artifacts are retrained rather than loaded into code that no longer matches them.
@@ -46,12 +58,15 @@ def write_artifact(pipeline: Pipeline, metadata: dict[str, Any], output_dir: str
 
     Fill in sha256, version, trained_at and library versions here, so no caller can
     forget them. Files are written to temporary names and renamed, so a crash
-    leaves the previous artifact intact rather than a torn one.
+    leaves the previous artifact intact rather than a torn one. An older signature
+    is removed first: it signs other bytes, and "not signed" is the clearer refusal
+    (sign the new artifact with ``falcon-svc model sign`` or ``train --signing-key``).
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    (output / SIGNATURE_FILE).unlink(missing_ok=True)
     model_path = output / MODEL_FILE
-    _atomic_write(model_path, lambda path: joblib.dump(pipeline, path))
+    atomic_write(model_path, lambda path: joblib.dump(pipeline, path))
     sha256 = sha256_file(model_path)
     trained_at = datetime.now(UTC).replace(microsecond=0)
     full = {
@@ -65,32 +80,65 @@ def write_artifact(pipeline: Pipeline, metadata: dict[str, Any], output_dir: str
         "labels": [str(label) for label in pipeline.classes_],
     }
     text = json.dumps(full, indent=2, sort_keys=True) + "\n"
-    _atomic_write(output / METADATA_FILE, lambda path: Path(path).write_text(text, "utf-8"))
+    atomic_write(output / METADATA_FILE, lambda path: Path(path).write_text(text, "utf-8"))
     return output
 
 
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``target`` (same directory)."""
+def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``target`` (same directory).
+
+    The file gets the umask's usual mode, not mkstemp's 0600: a model trained by root
+    (the Ansible role) must stay readable by the service user.
+    """
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    """Return the process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the parsed metadata of an artifact; raise ModelLoadError if unusable."""
+    return _parse_metadata(Path(model_dir) / METADATA_FILE, _read_metadata_bytes(model_dir))
+
+
+def _read_metadata_bytes(model_dir: str | os.PathLike[str]) -> bytes:
     path = Path(model_dir) / METADATA_FILE
     if not Path(model_dir).is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     try:
-        metadata = json.loads(path.read_text("utf-8"))
+        return path.read_bytes()
     except FileNotFoundError as ex:
         raise ModelLoadError(f"model metadata {path} is missing") from ex
-    except (OSError, ValueError) as ex:
+    except OSError as ex:
+        raise ModelLoadError(f"model metadata {path} is unreadable: {ex}") from ex
+
+
+def read_artifact_bytes(model_dir: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """Return the exact bytes of (metadata.json, model.joblib); raise ModelLoadError."""
+    metadata_bytes = _read_metadata_bytes(model_dir)
+    model_path = Path(model_dir) / MODEL_FILE
+    try:
+        return metadata_bytes, model_path.read_bytes()
+    except OSError as ex:
+        raise ModelLoadError(f"model file {model_path} is missing or unreadable: {ex.strerror or ex}") from ex
+
+
+def _parse_metadata(path: Path, data: bytes) -> dict[str, Any]:
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except ValueError as ex:
         raise ModelLoadError(f"model metadata {path} is unreadable: {ex}") from ex
     if not isinstance(metadata, dict):
         raise ModelLoadError(f"model metadata {path} is not a JSON object")
@@ -104,24 +152,36 @@ def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
-def read_artifact(model_dir: str | os.PathLike[str]) -> tuple[Pipeline, dict[str, Any]]:
+def read_artifact(
+    model_dir: str | os.PathLike[str],
+    *,
+    public_keys: Sequence[PublicKey] = (),
+) -> tuple[Pipeline, dict[str, Any]]:
     """Load and verify an artifact; return (pipeline, metadata).
 
-    The sha256 is checked before unpickling: joblib files run code on load, so an
-    unexpected file must not get that far.
+    The signature (when ``public_keys`` are given) and the sha256 are checked before
+    unpickling: joblib files run code on load, so an unexpected file must not get that
+    far. Each file is read once, and what is verified is what is parsed and unpickled,
+    so nothing can swap a file in between. The returned metadata's ``signature`` says
+    which key verified it, or UNAUTHENTICATED.
     """
-    metadata = read_metadata(model_dir)
+    metadata_bytes, model_bytes = read_artifact_bytes(model_dir)
     model_path = Path(model_dir) / MODEL_FILE
-    if not model_path.is_file():
-        raise ModelLoadError(f"model file {model_path} is missing")
-    actual = sha256_file(model_path)
+    signature = UNAUTHENTICATED
+    if public_keys:
+        from falcon_svc.model.signing import verify_signature
+
+        signer = verify_signature(model_dir, metadata_bytes, model_bytes, public_keys)
+        signature = f"verified with key {signer.key_id}"
+    metadata = _parse_metadata(Path(model_dir) / METADATA_FILE, metadata_bytes)
+    actual = hashlib.sha256(model_bytes).hexdigest()
     if actual != metadata["sha256"]:
         raise ModelLoadError(
             f"model file {model_path} has sha256 {actual[:12]}..., but the metadata "
             f"expects {str(metadata['sha256'])[:12]}...; refusing a corrupt or mismatched artifact"
         )
     try:
-        pipeline = joblib.load(model_path)
+        pipeline = joblib.load(io.BytesIO(model_bytes))
     except Exception as ex:  # NOTE: unpickling can raise almost anything
         raise ModelLoadError(f"model file {model_path} cannot be unpickled: {ex}") from ex
     if not isinstance(pipeline, Pipeline) or not hasattr(pipeline, "predict_proba"):
@@ -129,7 +189,7 @@ def read_artifact(model_dir: str | os.PathLike[str]) -> tuple[Pipeline, dict[str
     labels = [str(label) for label in getattr(pipeline, "classes_", [])]
     if labels != list(metadata["labels"]):
         raise ModelLoadError(f"model file {model_path} predicts {labels}, but the metadata says {metadata['labels']}")
-    return pipeline, metadata
+    return pipeline, {**metadata, "signature": signature}
 
 
 def is_valid_artifact(model_dir: str | os.PathLike[str]) -> bool:

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sklearn.pipeline import Pipeline
 
@@ -21,6 +21,9 @@ from falcon_svc.model.scorer import (
     compile_pipeline,
     max_difference,
 )
+
+if TYPE_CHECKING:
+    from falcon_svc.model.signing import PublicKey
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +109,14 @@ def load_model(
     *,
     fast_path: bool = True,
     compiler: Compiler = compile_pipeline,
+    public_keys: Sequence[PublicKey] = (),
 ) -> Model:
     """Load, verify and wrap the artifact in ``model_dir``; raise ModelLoadError.
 
     ``compiler`` is injectable so tests can hand in a deliberately wrong scorer.
+    With ``public_keys`` the artifact must carry a signature by one of them.
     """
-    pipeline, metadata = read_artifact(model_dir)
+    pipeline, metadata = read_artifact(model_dir, public_keys=public_keys)
     model = model_from_pipeline(pipeline, metadata, fast_path=fast_path, compiler=compiler)
     logger.info(
         "loaded model %s %s (kind=%s, scorer=%s) from %s",

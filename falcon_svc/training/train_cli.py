@@ -1,6 +1,7 @@
 """Train the sentiment model from the command line (or a dummy if the corpus is missing).
 
 Usage: falcon-svc train [--output-dir models/sentiment] [--clean-set CSV] [--force] [--detailed-exit-code]
+                        [--signing-key KEY]
 
 Skips training when a verified, trained artifact already exists, so ``make run`` and
 ``make test`` stay fast after the first build; a dummy one is always rebuilt.
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from falcon_svc.model.artifact import is_valid_artifact, read_metadata
+from falcon_svc.model.artifact import ModelLoadError, is_valid_artifact, read_metadata
+from falcon_svc.model.signing import key_id, load_private_key, sign_artifact, sign_unless_signed
 from falcon_svc.training.data import DataUnavailableError
 from falcon_svc.training.dummy import KIND as DUMMY_KIND
 from falcon_svc.training.dummy import build_dummy_model
@@ -32,6 +35,8 @@ EXIT_FAILED = 1
 # the role need not parse messages: 0 = a valid trained model was already there.
 EXIT_TRAINED = 3
 EXIT_DUMMY = 4
+# The private key that signs what training writes (or keeps), when --signing-key is not given.
+SIGNING_KEY_ENV = "MODEL_SIGNING_KEY"
 
 
 def parse_args(
@@ -60,7 +65,15 @@ def parse_args(
         help=f"exit {EXIT_TRAINED} when a trained model was written, {EXIT_DUMMY} when a dummy was "
         f"(0: a valid trained model was kept; {EXIT_FAILED}: training failed)",
     )
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        default=os.environ.get(SIGNING_KEY_ENV) or None,
+        help=f"Ed25519 private key (PEM) that signs the artifact (default: ${SIGNING_KEY_ENV}; unset: unsigned)",
+    )
     args = parser.parse_args(argv)
+    if args.signing_key is not None and not args.signing_key.is_file():
+        parser.error(f"--signing-key {args.signing_key} is not a file")
     if args.clean_set is not None and not args.clean_set.is_file():
         parser.error(f"--clean-set {args.clean_set} is not a file")
     return args
@@ -76,6 +89,11 @@ def main(
     args = parse_args(argv, default_output_dir, default_clean_set)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = args.output_dir
+    try:
+        signing_key = None if args.signing_key is None else load_private_key(args.signing_key)
+    except ValueError as ex:
+        print(f"ERROR: {ex}", file=sys.stderr)
+        return EXIT_FAILED
     # NOTE: a dummy left by an earlier run without the corpus is not kept: the corpus
     # may be there now, and if not, the DUMMY warning below must be printed again
     # (a person reads it; the Ansible role fails on --detailed-exit-code's 4 unless ALLOW_DUMMY_MODEL).
@@ -85,6 +103,13 @@ def main(
             f"model {metadata['version']} (kind={metadata['kind']}) already in {output}; use --force to retrain",
             file=sys.stderr,
         )
+        if signing_key is not None:
+            try:
+                if sign_unless_signed(output, signing_key)[1]:
+                    print(f"signed {output} with key {key_id(signing_key.public_key())}")
+            except (ValueError, ModelLoadError) as ex:
+                print(f"ERROR: cannot sign the kept model: {ex}", file=sys.stderr)
+                return EXIT_FAILED
         return 0
     try:
         try:
@@ -96,6 +121,8 @@ def main(
                 file=sys.stderr,
             )
             build_dummy_model(output)
+        if signing_key is not None:
+            print(f"signed {output} with key {sign_artifact(output, signing_key)}")
     except Exception as ex:  # NOTE: report any failure as one clear line
         print(f"ERROR: training failed: {type(ex).__name__}: {ex}", file=sys.stderr)
         return EXIT_FAILED
