@@ -1,4 +1,4 @@
-"""The ``falcon-svc`` command: serve, check, migrate, train.
+"""The ``falcon-svc`` command: serve, check, migrate, train, keys.
 
 ``serve`` runs the gunicorn master in this process (``falcon_svc.systemd``), so
 under systemd it is the unit's main process, as ``Type=notify`` and
@@ -13,7 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from falcon_svc.auth.commands import register as register_keys_command
 from falcon_svc.logs import configure_logging
+from falcon_svc.model_commands import register as register_model_command
 from falcon_svc.redact import redact
 
 
@@ -32,7 +34,8 @@ def check(args: argparse.Namespace) -> int:
 
     settings = load_settings_or_exit()
     model = load_model_or_exit(settings)
-    print(json.dumps({"settings": describe(settings), "model": model.summary()}, indent=2))
+    shown = {"settings": describe(settings), "model": model.summary(), "model_signature": model.metadata["signature"]}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -65,6 +68,13 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def retention(args: argparse.Namespace) -> int:
+    """Create request_log's partitions ahead, drop those older than REQUEST_LOG_RETENTION_DAYS."""
+    from falcon_svc.requestlog.retention import command
+
+    return command(args)
+
+
 def train(args: argparse.Namespace) -> int:
     """Train the model (or the dummy when the data package is missing)."""
     from falcon_svc.training.train_cli import main as train_main
@@ -88,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 0 with a DEGRADED line when PostgreSQL is unreachable; do nothing when REQUEST_LOG_ENABLED=false",
     )
     migrate_parser.set_defaults(handler=migrate)
+    retention_parser = commands.add_parser("retention", help="drop request_log days past REQUEST_LOG_RETENTION_DAYS")
+    retention_parser.add_argument("--dry-run", action="store_true", help="log what would change, change nothing")
+    retention_parser.set_defaults(handler=retention)
     train_parser = commands.add_parser("train", help="train the model (falcon-svc train --help)", add_help=False)
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(handler=train)
+    register_model_command(commands)
+    register_keys_command(commands)
     args, unknown = parser.parse_known_args(argv)
     # serve and train pass options they do not know on to gunicorn and training.
     if args.command == "train":

@@ -90,6 +90,12 @@ def _check_database_url(key: str, url: str) -> None:
         ) from None
 
 
+def _check_hmac_key(key: str, value: str) -> None:
+    """Accept no key (no digest is logged) or one of 32+ characters; never quote it."""
+    if value and len(value) < 32:
+        raise SettingsError(f"{key} is {len(value)} characters long; use 32 or more (openssl rand -hex 32)")
+
+
 def _url(*schemes: str) -> Callable[[str, str], None]:
     """Return the check of a URL setting whose client library speaks ``schemes``."""
     return partial(_check_url, schemes=schemes)
@@ -102,14 +108,16 @@ def _setting(
     maximum: int | None = None,
     choices: tuple[str, ...] | None = None,
     check: Callable[[str, T], None] | None = None,
+    secret: bool = False,
 ) -> T:
     """Declare a setting's default and what ``from_env`` accepts for it.
 
     ``minimum``/``maximum`` bound an ``int`` (both required); ``choices`` are the
     lower-case values a ``str`` may take, in any case; ``check(key, value)`` runs on
-    the final value, default included, once every key has parsed.
+    the final value, default included, once every key has parsed. A ``secret`` is
+    never shown by ``describe``.
     """
-    rules = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check}
+    rules = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check, "secret": secret or None}
     return dataclasses.field(default=default, metadata={name: rule for name, rule in rules.items() if rule is not None})
 
 
@@ -130,6 +138,8 @@ class Settings:
     model_dir: Path = Path("models/sentiment")
     fast_path: bool = True
     allow_dummy_model: bool = True
+    # Comma-separated Ed25519 public key files; set: the model must be signed by one (model/signing.py)
+    model_public_key: str = ""
     # HTTP contract limits
     max_body_bytes: int = _setting(2 * 1024 * 1024, minimum=1024, maximum=64 * 2**20)
     max_text_chars: int = _setting(5000, minimum=1, maximum=100_000)
@@ -154,6 +164,9 @@ class Settings:
     log_spool_max_bytes: int = _setting(256 * 2**20, minimum=0, maximum=2**40)
     log_rejected_retention_days: int = _setting(7, minimum=1, maximum=366)
     log_request_text: bool = False
+    # Request-log retention and privacy (falcon_svc/requestlog/retention.py, rows.text_hmac)
+    request_log_retention_days: int = _setting(30, minimum=1, maximum=3660)
+    log_text_hmac_key: str = _setting("", check=_check_hmac_key, secret=True)
     # Resilience
     circuit_breaker_failure_threshold: int = _setting(5, minimum=1, maximum=1000)
     circuit_breaker_timeout_seconds: int = _setting(60, minimum=1, maximum=3600)
@@ -166,6 +179,8 @@ class Settings:
     access_log: bool = True
     # Internal endpoints: who sees /metrics and the detail of /readyz and /v1/models (falcon_svc/access.py)
     metrics_allowed_networks: str = _setting("127.0.0.0/8,::1/128", check=_check_networks)
+    # API keys (falcon_svc/auth): the key file; empty: no authentication (``make run``)
+    api_keys_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -242,4 +257,9 @@ _PARSERS: dict[Any, Callable[[str, str, Mapping[str, Any]], Any]] = {
 
 def describe(settings: Settings) -> dict[str, Any]:
     """Return the settings as a JSON-friendly dict for ``falcon-svc check``, passwords hidden."""
-    return {field.name: redact(getattr(settings, field.name)) for field in dataclasses.fields(settings)}
+    return {
+        field.name: ("<hidden>" if getattr(settings, field.name) else "")
+        if field.metadata.get("secret")
+        else redact(getattr(settings, field.name))
+        for field in dataclasses.fields(settings)
+    }

@@ -27,11 +27,11 @@ PIDFILE=$RUN_DIR/nspawn.pid
 INVENTORY=$RUN_DIR/inventory.ini
 SSH_PORT=2222
 MACHINE=falcon-e2e
-# Every port the provisioned host listens on (ss -ltn there): nginx 80 and its status
+# Every port the provisioned host listens on (ss -ltn there): nginx 80 and 443 and its status
 # 8080, Redis, PostgreSQL, the two workers, Prometheus, Alertmanager (its cluster port
 # 9094 is off), the four exporters, and ssh. No Grafana 3000: the package is not
 # installed here. The docs (UBUNTU_DEPLOYMENT.md) list the same; tests/ops/test_docs.py checks it.
-PORTS=(80 5432 6379 8001 8002 8080 9090 9093 9100 9113 9121 9187 "$SSH_PORT")
+PORTS=(80 443 5432 6379 8001 8002 8080 9090 9093 9100 9113 9121 9187 "$SSH_PORT")
 ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
 PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl
 
@@ -97,12 +97,15 @@ write_inventory() {
               vault_postgresql_writer_password vault_grafana_admin_password; do
     secrets+=" $name=$(openssl rand -hex 24)"
   done
+  # The drills' API key: group_vars/e2e.yml gives the host only its SHA-256.
+  secrets+=" vault_falcon_svc_e2e_api_key=fsk_e2e_$(openssl rand -hex 32)"
   (
     umask 077
     {
       echo '[falcon]'
       printf "e2ehost ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null' grafana_install_package=false prometheus_alertmanager_notify=false%s\n" \
         "$SSH_PORT" "$KEY" "$secrets"
+      printf '\n[e2e:children]\nfalcon\n'
     } >"$INVENTORY"
   )
 }

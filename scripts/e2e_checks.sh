@@ -3,7 +3,7 @@
 # or test): the operator's health check (scripts/check_health.sh on the host: every
 # unit, each worker's /readyz, nginx upstreams, Prometheus targets and alerts, the
 # request-log backlog) before and after the drills, the workers' notify readiness and
-# hardening, HTTP through nginx on port 80, every failure-injection script run on the
+# hardening, HTTP and HTTPS through nginx (80, 443), every failure-injection script run on the
 # host, journal JSON lines, Prometheus rules and Alertmanager, Grafana's provisioning,
 # and the request log. One PASS/FAIL line per check; exits 1 if any failed.
 #
@@ -38,7 +38,7 @@ post() {
   local name=$1 path=$2 body=$3
   shift 3
   curl -sS -m 10 -o "$WORK/$name.json" -w '%{http_code} %{content_type}' "$URL$path" \
-    -H 'Content-Type: application/json' -H "X-Request-ID: $SMOKE_ID-$name" --data-binary "$body" "$@"
+    -H 'Content-Type: application/json' -H "X-Request-ID: $SMOKE_ID-$name" --data-binary "$body" -H "@$WORK/auth.header" "$@"
 }
 
 # check_health WHEN: scripts/check_health.sh on the host, as an operator runs it.
@@ -46,7 +46,9 @@ post() {
 # (15 s interval), and after a drill the breakers and replays need a moment.
 check_health() {
   local when=$1 rc=0
-  ssh_cmd 'bash -s -- --wait 90' <"$REPO_DIR/scripts/check_health.sh" >"$RUN_DIR/health-$when.log" 2>&1 || rc=$?
+  # The key through stdin (export is a builtin: it never shows in a process list).
+  { printf 'export FALCON_API_KEY=%q\n' "$FALCON_API_KEY"; cat "$REPO_DIR/scripts/check_health.sh"; } \
+    | ssh_cmd 'bash -s -- --wait 90' >"$RUN_DIR/health-$when.log" 2>&1 || rc=$?
   sed 's/^/    /' "$RUN_DIR/health-$when.log"
   check "check_health.sh $when: $(tail -n 1 "$RUN_DIR/health-$when.log")" test "$rc" -eq 0
 }
@@ -65,6 +67,24 @@ check_worker_unit() {
   say "systemd-analyze security falcon-worker@8001: exposure $exposure"
   check "exposure ${exposure:-unknown} <= $SECURITY_LIMIT" \
     python3 -c "import sys; sys.exit(not float('${exposure:-99}') <= $SECURITY_LIMIT)"
+}
+
+# Supply chain (finding 12): no compiler on the host, the venv is exactly the lock (the
+# wheelhouse the controller built), and the meinheld is our patched build.
+normalize_pins() { awk -F'==' '{ name = tolower($1); gsub(/[_.]+/, "-", name); print name "==" $2 }' | sort; }
+check_supply_chain() {
+  local compilers venv=/opt/falcon-svc/venv
+  compilers=$(ssh_cmd 'for c in gcc cc c++ g++ clang tcc; do command -v "$c"; done
+    dpkg-query -W -f="\${Package} \${db:Status-Abbrev}\n" build-essential gcc python3-dev 2>/dev/null | awk "\$2 == \"ii\" { print \$1 }"' || true)
+  check "the host has no C compiler or Python headers${compilers:+ (found: $(tr '\n' ' ' <<<"$compilers"))}" test -z "$compilers"
+  ssh_cmd "$venv/bin/pip freeze" | grep -v ' @ ' | normalize_pins >"$WORK/venv-freeze.txt"
+  { grep -hoE '^[A-Za-z0-9._-]+==[^ ]+' "$REPO_DIR/requirements.lock" "$REPO_DIR/requirements-nodeps.lock"
+    echo meinheld==1.0.2+falcon.2; } | normalize_pins >"$WORK/venv-locked.txt"
+  diff "$WORK/venv-locked.txt" "$WORK/venv-freeze.txt" | sed 's/^/    /' || true
+  check "the host's venv holds exactly the locked versions (pip freeze vs requirements.lock + requirements-nodeps.lock)" \
+    cmp -s "$WORK/venv-locked.txt" "$WORK/venv-freeze.txt"
+  check "the host runs our patched meinheld 1.0.2+falcon.2" \
+    test "$(ssh_cmd "$venv/bin/python -c 'import importlib.metadata as m; print(m.version(\"meinheld\"))'")" = 1.0.2+falcon.2
 }
 
 check_http() {
@@ -130,6 +150,66 @@ EOF
   check "10 GB Content-Length straight to a worker: 413 JSON ($out)" test "$out" = "413 application/json"
 }
 
+# TLS on 443 (roles/nginx): the role's self-signed certificate verifies for 127.0.0.1,
+# TLS 1.1 is refused by nginx's own alert, plain HTTP to a non-loopback address (127.0.0.2
+# reaches port 80 but is not the exempt 127.0.0.1) is redirected with 308, HSTS is sent.
+check_tls() {
+  local out path
+  ssh_cmd cat /etc/nginx/tls/falcon-svc.crt >"$WORK/nginx-tls.pem"
+  out=$(curl -sS -m 10 --cacert "$WORK/nginx-tls.pem" --tlsv1.2 -o /dev/null -w '%{http_code} %{ssl_verify_result}' https://127.0.0.1/healthz 2>&1 || true)
+  check "https://127.0.0.1/healthz: 200 over TLS 1.2+, certificate verified ($out)" test "$out" = "200 0"
+  out=$(curl -sS -m 10 -k --tlsv1.1 --tls-max 1.1 -o /dev/null https://127.0.0.1/healthz 2>&1 || true)
+  check "TLS 1.1 refused by nginx (${out:0:100})" grep -q 'alert protocol version' <<<"$out"
+  out=$(curl -sS -m 10 -o /dev/null -w '%{http_code} %{redirect_url}' -X POST --data-binary '{}' http://127.0.0.2/infer)
+  check "plain HTTP -> 308 to https ($out)" test "$out" = "308 https://127.0.0.2/infer"
+  out=$(curl -sS -m 10 -k -D - -o /dev/null https://127.0.0.1/healthz | tr -d '\r' | sed -n 's/^strict-transport-security: //Ip')
+  check "HSTS over https ($out)" test "$out" = "max-age=63072000"
+  for path in /metrics /metrics/ /METRICS; do
+    out=$(curl -sS -m 10 -k -o /dev/null -w '%{http_code}' "https://127.0.0.1$path")
+    check "$path over https: 404 ($out)" test "$out" = 404
+  done
+}
+
+# API keys (finding 11): the inference routes need a key through nginx, health does not,
+# the key file holds only a hash, the key is in no log, a reload keeps serving, and the
+# request log names the key's id.
+check_api_keys() {
+  local out challenge rows=0 i
+  out=$(curl -sS -m 10 -D "$WORK/noauth.headers" -o "$WORK/noauth.json" -w '%{http_code} %{content_type}' \
+    "$URL/infer" -H 'Content-Type: application/json' -H 'X-Request-ID: e2e-auth-none' --data-binary '{"text": "no key"}')
+  challenge=$(tr -d '\r' <"$WORK/noauth.headers" | sed -n 's/^www-authenticate: //Ip')
+  check "POST /infer without a key through nginx: 401 JSON unauthorized, WWW-Authenticate ($out; $challenge)" \
+    test "$out" = "401 application/json" -a "$challenge" = 'Bearer realm="falcon-svc"' \
+    -a "$(py 'd["error"]["code"]' "$WORK/noauth.json")" = unauthorized
+  out=$(curl -sS -m 10 -D "$WORK/badkey.headers" -o /dev/null -w '%{http_code}' "$URL/infer" \
+    -H 'Content-Type: application/json' -H 'Authorization: Bearer fsk_e2e_not-the-key' --data-binary '{"text": "x"}')
+  challenge=$(tr -d '\r' <"$WORK/badkey.headers" | sed -n 's/^www-authenticate: //Ip')
+  check "POST /infer with a wrong key: 401, invalid_token ($out; $challenge)" \
+    test "$out" = 401 -a "$challenge" = 'Bearer realm="falcon-svc", error="invalid_token"'
+  out=$(curl -sS -m 10 -D "$WORK/authed.headers" -o "$WORK/authed.json" -w '%{http_code} %{content_type}' "$URL/infer" \
+    -H 'Content-Type: application/json' -H "@$WORK/auth.header" -H 'X-Request-ID: e2e-auth-ok' --data-binary '{"text": "I love it"}')
+  check "POST /infer with the e2e key through nginx: 200, X-Client-Key-Id e2e ($out)" \
+    eval 'test "$out" = "200 application/json" && tr -d "\r" <"$WORK/authed.headers" | grep -qix "x-client-key-id: e2e"'
+  out=$(curl -sS -m 10 -o /dev/null -w '%{http_code}' "$URL/healthz")
+  check "GET /healthz needs no key ($out)" test "$out" = 200
+  out=$(ssh_cmd "stat -c '%a %U:%G' /etc/falcon-svc/api_keys; grep -c '^e2e [0-9a-f]\{64\}\$' /etc/falcon-svc/api_keys; \
+    journalctl -u 'falcon-worker@*' -o cat --no-pager | grep -cF -f /root/.falcon-e2e-api-key; \
+    grep -rlF -f /root/.falcon-e2e-api-key /etc/falcon-svc /var/log/nginx | wc -l" | tr '\n' ' ')
+  check "api_keys 0640 root:falcon with one e2e hash; the key in no journal line, no file in /etc/falcon-svc or nginx's logs ($out)" \
+    test "$out" = "640 root:falcon 1 0 0 "
+  ssh_cmd 'systemctl reload falcon-worker@8001 falcon-worker@8002'
+  out=$(post after_reload /infer '{"text": "after the reload"}')
+  check "systemctl reload of the workers: the key still works ($out)" test "$out" = "200 application/json"
+  # Rows are written after the answer: give the writer a few seconds.
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    rows=$(ssh_cmd "cd / && runuser -u postgres -- psql -X -At -d falcon -c \
+      \"SELECT count(*) FROM request_log WHERE request_id = 'e2e-auth-ok' AND client_key_id = 'e2e'\"")
+    [[ $rows -ge 1 ]] && break
+    sleep 1
+  done
+  check "request_log names the key's id, not the key (client_key_id = e2e: $rows row, after ${i} s)" test "$rows" -eq 1
+}
+
 run_faults() {
   local name rc
   say "copying the failure-injection scripts to the host"
@@ -137,7 +217,7 @@ run_faults() {
     | ssh_cmd 'rm -rf /root/falcon-faults && mkdir -p /root/falcon-faults && tar -xf - -C /root/falcon-faults'
   for name in "${FAULTS[@]}"; do
     say "--- $name.sh on the host"
-    if ssh_cmd "/root/falcon-faults/$name.sh" 2>&1 | tee "$RUN_DIR/fault-$name.log" | sed 's/^/    /'; then
+    if ssh_cmd "FALCON_API_KEY=\$(cat /root/.falcon-e2e-api-key) /root/falcon-faults/$name.sh" 2>&1 | tee "$RUN_DIR/fault-$name.log" | sed 's/^/    /'; then
       rc=0
     else
       rc=1
@@ -200,14 +280,101 @@ check_request_log() {
   check "request_log has one row per smoke request ($rows of 5)" test "$rows" -eq 5
 }
 
+# Retention (finding 10): the timer is listed, a backdated day is dropped by the job and
+# the journal says so, partitions exist ahead, rows carry the keyed digest.
+check_retention() {
+  local day next part since out rc=0 sql_rc=0 q="cd / && runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -d falcon"
+  day=$(date -u -d '40 days ago' +%F); next=$(date -u -d '39 days ago' +%F); part=request_log_${day//-/}
+  check "falcon-svc-retention.timer is listed" \
+    ssh_cmd "systemctl list-timers --all --no-legend falcon-svc-retention.timer | grep -q falcon-svc-retention.service"
+  check "falcon-svc-retention.timer is active" ssh_cmd systemctl is-active --quiet falcon-svc-retention.timer
+  # A backdated day, as the owner (the job drops only what the owner owns), with a row in it.
+  ssh_cmd "$q" <<SQL || sql_rc=$?
+SET ROLE falcon_owner;
+CREATE TABLE $part PARTITION OF request_log FOR VALUES FROM ('$day 00:00+00') TO ('$next 00:00+00');
+INSERT INTO request_log (log_id, request_id, received_at) VALUES ('$SMOKE_ID-retention', '$SMOKE_ID-retention', '$day 12:00+00');
+SQL
+  check "a backdated partition $part with a row was created" test "$sql_rc" -eq 0
+  since=$(ssh_cmd date +%s)
+  ssh_cmd systemctl start falcon-svc-retention.service || rc=$?
+  check "falcon-svc-retention.service ran and exited 0" test "$rc" -eq 0
+  check "the partition $part is gone" test "$(ssh_cmd "$q -c \"SELECT to_regclass('$part') IS NULL\"")" = t
+  check "its row is gone" test "$(ssh_cmd "$q -c \"SELECT count(*) FROM request_log WHERE log_id = '$SMOKE_ID-retention'\"")" = 0
+  out=$(ssh_cmd "journalctl -u falcon-svc-retention.service --since @$since -o cat")
+  sed 's/^/    /' <<<"$out"
+  check "the journal names the dropped partition" grep -qF "dropped partition $part [$day 00:00Z" <<<"$out"
+  check "the journal has the run's summary" grep -qF "dropped 1 partition(s)" <<<"$out"
+  check "partitions exist for today and 7 days ahead" test "$(ssh_cmd "$q -c \"SELECT count(*) FROM generate_series(0, 7) n WHERE to_regclass('request_log_' || to_char(now() AT TIME ZONE 'UTC' + n * interval '1 day', 'YYYYMMDD')) IS NOT NULL\"")" = 8
+  check "smoke rows carry a keyed digest (text_hmac, 64 hex)" test "$(ssh_cmd "$q -c \"SELECT count(*) FROM request_log WHERE starts_with(request_id, '$SMOKE_ID-') AND status = 200 AND length(text_hmac) = 64\"")" -ge 1
+  check "the HMAC key file is root-only" test "$(ssh_cmd stat -c '%U %a' /etc/falcon-svc/log_text_hmac.secret)" = "root 600"
+  local exposure
+  exposure=$(ssh_cmd systemd-analyze security falcon-svc-retention.service 2>&1 | sed -nE 's/.*Overall exposure level for falcon-svc-retention.service: ([0-9.]+).*/\1/p')
+  check "falcon-svc-retention.service exposure ${exposure:-unknown} <= $SECURITY_LIMIT" \
+    python3 -c "import sys; sys.exit(not float('${exposure:-99}') <= $SECURITY_LIMIT)"
+}
+
+# Finding 13: the model is signed on the host, verified before unpickling, and the service
+# user can neither write it nor read the signing key.
+MODEL_DIR_ON_HOST=${MODEL_DIR_ON_HOST:-/opt/falcon-svc/models/sentiment}
+MODEL_PUBLIC_KEY_ON_HOST=${MODEL_PUBLIC_KEY_ON_HOST:-/etc/falcon-svc/model-signing.pub}
+MODEL_SIGNING_KEY_ON_HOST=${MODEL_SIGNING_KEY_ON_HOST:-/etc/falcon-svc-signing/model-signing.key}
+FALCON_SVC_ON_HOST=${FALCON_SVC_ON_HOST:-/opt/falcon-svc/venv/bin/falcon-svc}
+ENV_FILE_ON_HOST=${ENV_FILE_ON_HOST:-/etc/falcon-svc/falcon-svc.env}
+
+check_model_signing() {
+  # `falcon-svc check` as the service runs it: user falcon, the env file read inside the
+  # shell (off the command line); MODEL_DIR overridable to check a tampered copy.
+  local as_service="set -a; . $ENV_FILE_ON_HOST; set +a; MODEL_DIR=\${1:-\$MODEL_DIR} exec $FALCON_SVC_ON_HOST check"
+  local expected signature rc=0
+  # The key id computed apart from falcon-svc: ed25519: + 16 hex of sha256(the raw 32-byte key).
+  expected=ed25519:$(ssh_cmd "openssl pkey -pubin -in $MODEL_PUBLIC_KEY_ON_HOST -outform DER | tail -c 32 | sha256sum | cut -c1-16")
+  ssh_cmd "runuser -u falcon -- sh -c '$as_service'" >"$WORK/model_check.out" 2>&1 || rc=$?
+  signature=$(sed -nE 's/^ *"model_signature": "([^"]*)".*/\1/p' "$WORK/model_check.out")
+  say "falcon-svc check: model_signature: ${signature:-none} (rc $rc)"
+  check "falcon-svc check as falcon: the model's signature verified with key $expected" \
+    test "$rc" -eq 0 -a "$signature" = "verified with key $expected"
+  check "the env file points the service at the public key (MODEL_PUBLIC_KEY)" \
+    test "$(ssh_cmd "sed -n 's/^MODEL_PUBLIC_KEY=//p' $ENV_FILE_ON_HOST")" = "$MODEL_PUBLIC_KEY_ON_HOST"
+  check "the model directory, its files and the public key are root's and read-only to others" \
+    test "$(ssh_cmd "stat -c '%U:%G %a' $MODEL_DIR_ON_HOST $MODEL_DIR_ON_HOST/* $MODEL_PUBLIC_KEY_ON_HOST | sort -u | tr '\n' ' '")" \
+    = "root:root 644 root:root 755 "
+  local path
+  for path in "$MODEL_DIR_ON_HOST" "$MODEL_DIR_ON_HOST/model.joblib" "$MODEL_DIR_ON_HOST/metadata.json" \
+    "$MODEL_DIR_ON_HOST/signature.json" "$MODEL_PUBLIC_KEY_ON_HOST"; do
+    check "the service user cannot write $path" \
+      test "$(ssh_cmd "runuser -u falcon -- test -w $path && echo writable || echo read-only")" = read-only
+  done
+  check "the service user cannot read the signing key $MODEL_SIGNING_KEY_ON_HOST" \
+    test "$(ssh_cmd "runuser -u falcon -- test -r $MODEL_SIGNING_KEY_ON_HOST && echo readable || echo unreadable")" = unreadable
+  # A tampered copy (one byte of metadata changed, the signature kept) is refused with exit 66.
+  rc=0
+  ssh_cmd "t=\$(mktemp -d) && cp -a $MODEL_DIR_ON_HOST/. \$t/ && sed -i '0,/\"kind\"/s//\"kind\" /' \$t/metadata.json \
+    && chmod -R a+rX \$t && runuser -u falcon -- sh -c '$as_service' sh \$t; rc=\$?; rm -rf \$t; exit \$rc" \
+    >"$WORK/model_tampered.out" 2>&1 || rc=$?
+  say "tampered copy: $(grep -m1 -o 'cannot load the model.*' "$WORK/model_tampered.out" | cut -c1-200)"
+  check "a tampered copy of the model is refused: exit 66 naming signature.json and key $expected ($rc)" \
+    test "$rc" -eq 66 -a -n "$(grep 'signature.json does not verify' "$WORK/model_tampered.out" | grep -F "$expected")"
+}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ssh_cmd true || die "no falcon-e2e host answers on port $SSH_PORT (scripts/e2e.sh up)"
+# The drills' API key (scripts/e2e.sh puts it in the inventory): a 0600 header file for curl
+# here, a root-only file on the host for the scripts run there; never on a command line.
+FALCON_API_KEY=$(sed -nE 's/.* vault_falcon_svc_e2e_api_key=([^ ]+).*/\1/p' "$RUN_DIR/inventory.ini")
+[[ -n $FALCON_API_KEY ]] || die "no vault_falcon_svc_e2e_api_key in $RUN_DIR/inventory.ini (scripts/e2e.sh up)"
+(umask 077 && printf 'Authorization: Bearer %s\n' "$FALCON_API_KEY" >"$WORK/auth.header")
+printf '%s\n' "$FALCON_API_KEY" | ssh_cmd 'umask 077 && cat >/root/.falcon-e2e-api-key'
 started=$(date +%s)
 say "== health";           check_health "after provisioning"
 say "== worker unit";      check_worker_unit
+say "== supply chain";     check_supply_chain
 say "== HTTP via nginx";   check_http
+say "== TLS";              check_tls
 say "== request log";      check_request_log
+say "== API keys";         check_api_keys
+say "== retention";        check_retention
+say "== model signing";    check_model_signing
 say "== fault scripts";    run_faults
 say "== health";           check_health "after the drills"
 say "== journal";          check_journal
