@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         args.gunicorn_args = [*unknown, *args.gunicorn_args]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    configure_logging(os.environ.get("LOG_LEVEL", "info"))
+    # An empty LOG_LEVEL= line (an env file leaving it to the default) means unset, as in settings.
+    configure_logging(os.environ.get("LOG_LEVEL", "").strip() or "info")
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

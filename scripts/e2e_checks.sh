@@ -306,7 +306,7 @@ SQL
   check "the journal has the run's summary" grep -qF "dropped 1 partition(s)" <<<"$out"
   check "partitions exist for today and 7 days ahead" test "$(ssh_cmd "$q -c \"SELECT count(*) FROM generate_series(0, 7) n WHERE to_regclass('request_log_' || to_char(now() AT TIME ZONE 'UTC' + n * interval '1 day', 'YYYYMMDD')) IS NOT NULL\"")" = 8
   check "smoke rows carry a keyed digest (text_hmac, 64 hex)" test "$(ssh_cmd "$q -c \"SELECT count(*) FROM request_log WHERE starts_with(request_id, '$SMOKE_ID-') AND status = 200 AND length(text_hmac) = 64\"")" -ge 1
-  check "the HMAC key file is root-only" test "$(ssh_cmd stat -c '%U %a' /etc/falcon-svc/log_text_hmac.secret)" = "root 600"
+  check "the HMAC key file is root-only" test "$(ssh_cmd "stat -c '%U %a' /etc/falcon-svc/log_text_hmac.secret")" = "root 600"
   local exposure
   exposure=$(ssh_cmd systemd-analyze security falcon-svc-retention.service 2>&1 | sed -nE 's/.*Overall exposure level for falcon-svc-retention.service: ([0-9.]+).*/\1/p')
   check "falcon-svc-retention.service exposure ${exposure:-unknown} <= $SECURITY_LIMIT" \

@@ -35,3 +35,12 @@ def test_plain_migrate_still_tries_when_the_request_log_is_off(monkeypatch, caps
     monkeypatch.setenv("REQUEST_LOG_ENABLED", "false")
     assert cli.main(["migrate"]) == 1, "an explicit migrate against a dead database must fail"
     assert "migrate:" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("unreachable_database")
+def test_an_empty_log_level_means_the_default(monkeypatch, capsys):
+    # An env file may write `LOG_LEVEL=` to leave it unset (the retention unit's did):
+    # the command must run, not die in logging.setLevel('') with a traceback.
+    monkeypatch.setenv("LOG_LEVEL", "")
+    monkeypatch.setenv("REQUEST_LOG_ENABLED", "false")
+    assert cli.main(["migrate", "--if-reachable"]) == 0
