@@ -56,7 +56,7 @@ def migrate(args: argparse.Namespace) -> int:
         print("migrate: skipped, the request log is off (REQUEST_LOG_ENABLED=false)")
         return 0
     try:
-        applied = apply_migrations(settings.database_url)
+        applied = apply_migrations(settings.database_url, retention_days=settings.request_log_retention_days)
     except (psycopg.OperationalError, MigrationError) as ex:
         if args.if_reachable and isinstance(ex, psycopg.OperationalError):
             reason = redact(str(ex).splitlines()[0])

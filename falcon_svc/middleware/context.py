@@ -30,6 +30,11 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 LOGGED_ROUTES = frozenset(
     {"/infer", "/infer/batch", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
 )
+# NOTE: a 401 gets no row. Anyone can send made-up bearer keys, limited only by
+# nginx's per-address rate, and each row would be a database write on our disk;
+# the access log line (the journal) still records the refusal. Other 4xx are
+# answers to an authenticated client and keep their row.
+UNLOGGED_STATUSES = frozenset({401})
 
 
 def new_request_id() -> str:
@@ -97,7 +102,7 @@ class RequestContext:
         metrics.IN_FLIGHT.dec()
         children[0].inc()
         children[1].observe(seconds)
-        if self._request_log is not None and route in LOGGED_ROUTES:
+        if self._request_log is not None and route in LOGGED_ROUTES and status not in UNLOGGED_STATUSES:
             self._request_log.submit(
                 self._log_row(req, request_id=request_id, route=route, method=method, status=status, seconds=seconds)
             )

@@ -8,8 +8,16 @@ once, ``falcon-svc migrate`` racing a worker), so running it twice, or twice at
 the same time, is safe.
 
 After the migrations, request_log's daily partitions for today and the days ahead
-are created (``retention.maintain``, without dropping anything: dropping is the
-retention timer's job), so a fresh install never writes into the default partition.
+are created, today's first (``retention.maintain``, without dropping anything:
+dropping is the retention timer's job), so a fresh install never writes into the
+default partition.
+
+Retention: migration 0002 copies the rows of the old table. Rows older than
+REQUEST_LOG_RETENTION_DAYS are not copied (the next retention run would drop them
+anyway, after their days had been given partitions and the copy had written them
+twice): ``apply_migrations`` passes the first day kept to the SQL as the session
+setting ``falcon.request_log_keep_from``. Unset (the file run by hand), every row is
+copied. The retention is read from the settings, as ``falcon-svc retention`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 
 import psycopg
@@ -26,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # NOTE: one fixed key for every falcon-svc database; pg_advisory_lock takes a bigint.
 ADVISORY_LOCK_KEY = 0x66616C636F6E  # "falcon"
+# Read by 0002: request_log rows received before it (an ISO timestamp) are not copied.
+KEEP_FROM_SETTING = "falcon.request_log_keep_from"
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 _CONNECT_TIMEOUT_SECONDS = 10
 
@@ -64,18 +74,25 @@ def load_migrations() -> list[Migration]:
     return [found[version] for version in sorted(found)]
 
 
-def apply_migrations(dsn: str, *, today: date | None = None) -> list[str]:
+def apply_migrations(dsn: str, *, today: date | None = None, retention_days: int | None = None) -> list[str]:
     """Apply every migration not yet recorded in ``schema_migrations``; return their versions.
 
     Then create the request_log partitions of ``today`` (default: the UTC date) and the
-    days ahead, moving any rows of those days out of the default partition.
+    days ahead, moving any rows of those days out of the default partition. Rows older
+    than ``retention_days`` (default: REQUEST_LOG_RETENTION_DAYS from the settings) get
+    no partition: 0002 does not copy them, and any left in the default partition are
+    deleted.
 
     Raises:
-        MigrationError: a migration failed (its transaction was rolled back).
+        MigrationError: a migration failed (its transaction was rolled back), the
+            settings are invalid, or a partition could not be created.
         psycopg.OperationalError: PostgreSQL cannot be reached.
     """
     migrations = load_migrations()
     applied_now: list[str] = []
+    today = today or datetime.now(UTC).date()
+    if retention_days is None:
+        retention_days = _retention_days_from_settings()
     with psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS) as conn:
         # NOTE: taken before reading schema_migrations, so a concurrent run waits
         # here and then sees what the first one applied.
@@ -88,27 +105,43 @@ def apply_migrations(dsn: str, *, today: date | None = None) -> list[str]:
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            keep_from = datetime.combine(today - timedelta(days=retention_days), time(), tzinfo=UTC)
+            conn.execute("SELECT set_config(%s, %s, false)", (KEEP_FROM_SETTING, keep_from.isoformat()))
             for migration in migrations:
                 if migration.version in done:
                     continue
                 _apply_one(conn, migration)
                 applied_now.append(migration.version)
-            _create_partitions_ahead(conn, today or datetime.now(UTC).date())
+            _create_partitions_ahead(conn, today, retention_days)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
     return applied_now
 
 
-def _create_partitions_ahead(conn: psycopg.Connection, today: date) -> None:
-    """Create the day partitions ahead; nothing is dropped (``retention_days=None``)."""
+def _retention_days_from_settings() -> int:
+    from falcon_svc.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env().request_log_retention_days
+    except SettingsError as ex:
+        raise MigrationError(f"cannot read REQUEST_LOG_RETENTION_DAYS: {ex}") from ex
+
+
+def _create_partitions_ahead(conn: psycopg.Connection, today: date, retention_days: int) -> None:
+    """Create the day partitions ahead, today's first; drop nothing (the retention timer does)."""
     from falcon_svc.requestlog import retention
 
     try:
-        retention.maintain(conn, today=today, retention_days=None)
+        report = retention.maintain(conn, today=today, retention_days=retention_days, drop_expired=False)
     except psycopg.OperationalError:
         raise
     except (psycopg.Error, retention.RetentionError) as ex:
         raise MigrationError(f"creating the request_log partitions failed: {ex}") from ex
+    if report.skipped:
+        raise MigrationError(
+            "the migrations are applied but some request_log partitions are not (another session holds a lock; "
+            "run `falcon-svc migrate` again): " + "; ".join(report.skipped)
+        )
 
 
 def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:

@@ -2,20 +2,34 @@
 
 ``request_log`` is partitioned by day (migration 0002): ``request_log_YYYYMMDD`` holds
 the rows received that UTC day, ``request_log_default`` any row whose day had no
-partition yet. One run of ``falcon-svc retention`` (daily, falcon-svc-retention.timer):
+partition yet. One run of ``falcon-svc retention`` (daily, falcon-svc-retention.timer),
+in this order, most urgent first:
 
-1. drops every day partition wholly older than REQUEST_LOG_RETENTION_DAYS (day D goes
+1. creates the partitions of today, then of the next ``DAYS_AHEAD`` days, moving any
+   rows of those days out of the default partition;
+2. deletes the default partition's rows older than REQUEST_LOG_RETENTION_DAYS (they
+   get no partition) and moves the others into their days' partitions, newest first;
+3. drops every day partition wholly older than REQUEST_LOG_RETENTION_DAYS (day D goes
    once D + 1 <= today - retention, so at least ``retention`` full days are kept),
-   logging one line per partition, and deletes the default partition's expired rows;
-2. moves the rows still in the default partition into their days' partitions
-   (created for them), so no row is lost or kept past its time;
-3. creates the partitions of today and the next ``DAYS_AHEAD`` days.
+   logging one line per partition.
 
-Failure semantics: each partition is created or dropped in its own transaction, so a
-failed run leaves every partition either done or untouched, and the next run picks up
-where it stopped. Locks are waited for at most ``LOCK_TIMEOUT``: a DROP queued behind a
-long query would otherwise block every insert behind it. Runs are serialised with each
-other and with ``falcon-svc migrate`` by the migrations' advisory lock.
+Failure semantics: each partition is created or dropped in its own transaction, and
+locks are waited for at most ``LOCK_TIMEOUT``: a DROP queued behind a long query would
+otherwise block every insert behind it. A step that meets a lock held by another
+session (a pg_dump, a report with its transaction open) is logged, skipped and named
+in the summary; the run carries on with the next step and exits 1, and the next run
+retries it. So a lock never stops tomorrow's partition from being created.
+What locks cannot be worked around: DROP of a partition needs an ACCESS EXCLUSIVE
+lock on request_log itself, so any open transaction that has read request_log holds
+up every drop (after the first timeout the other drops are not tried, each would wait
+the same lock); creating a partition needs one on the default partition (PostgreSQL
+checks it holds no row of the new day), so a session that has read the whole table
+(pg_dump) holds up creation until it ends: the partitions made ``DAYS_AHEAD`` days in
+advance are what covers that.
+NOTE: ``DETACH PARTITION ... CONCURRENTLY`` would not help: PostgreSQL refuses it
+while a default partition exists, and it too waits for the reader's transaction.
+Runs are serialised with each other and with ``falcon-svc migrate`` by the
+migrations' advisory lock.
 
 Privilege: creating and dropping partitions needs the table's owner. The timer's unit
 connects as the owner through a passfile handed to it by systemd (LoadCredential=), as
@@ -29,10 +43,12 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 
 logger = logging.getLogger(__name__)
@@ -83,13 +99,28 @@ class Report:
     kept: int = 0
     default_rows_expired: int = 0
     default_rows_moved: int = 0
+    # One entry per step given up on (lock timeout and the like): "drop request_log_20261001: <reason>".
+    skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"retention: keeping rows from {self.cutoff:%Y-%m-%d} on; dropped {len(self.dropped)} partition(s), "
             f"kept {self.kept}, created {len(self.created)}; default partition: "
             f"{self.default_rows_expired} expired row(s) deleted, {self.default_rows_moved} moved to their day"
         )
+        if self.skipped:
+            text += f"; SKIPPED {len(self.skipped)} step(s), retried by the next run: " + "; ".join(self.skipped)
+        return text
+
+
+# Errors that concern one step, not the run: another session's lock, a cancelled
+# statement, a deadlock. A lost connection or a missing privilege still stops the run.
+_SKIPPABLE = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.ObjectInUse,
+)
 
 
 def partition_name(day: date) -> str:
@@ -130,8 +161,13 @@ def maintain(
     retention_days: int | None,
     days_ahead: int = DAYS_AHEAD,
     dry_run: bool = False,
+    drop_expired: bool = True,
 ) -> Report:
-    """Drop what expired (unless ``retention_days`` is None), rehome default rows, create partitions ahead.
+    """Create partitions ahead, rehome default rows, then drop what expired; skip what is locked.
+
+    ``retention_days=None`` keeps every row (nothing is expired); ``drop_expired=False``
+    (``falcon-svc migrate``) drops no partition but still gives expired default rows
+    no partition. Steps given up on are in ``Report.skipped``.
 
     ``conn`` must be in autocommit mode: each step is its own transaction. The caller
     holds the advisory lock.
@@ -140,32 +176,63 @@ def maintain(
     partitions = day_partitions(conn)
     cutoff = cutoff_day(today, retention_days) if retention_days is not None else date.min
     report = Report(cutoff=cutoff)
-    for partition in partitions:
-        if partition.day < cutoff:
-            _drop(conn, partition, dry_run=dry_run)
-            report.dropped.append(partition)
-    if retention_days is not None:
-        report.default_rows_expired = _expire_default_rows(conn, cutoff, dry_run=dry_run)
-    existing = {partition.day for partition in partitions if partition.day >= cutoff}
-    report.kept = len(existing)
+    existing = {partition.day for partition in partitions}
+    report.kept = sum(1 for partition in partitions if partition.day >= cutoff)
     stray_days = _default_row_days(conn, cutoff)
-    wanted = sorted({today + timedelta(days=offset) for offset in range(days_ahead + 1)} | set(stray_days))
-    for day in wanted:
-        if day in existing:
-            continue
-        partition = Partition.of(day)
-        moved = stray_days.get(day, 0)
-        if not dry_run:
-            moved = _create(conn, partition)
-        report.created.append(partition)
-        report.default_rows_moved += moved
-        logger.info(
-            "%s partition %s%s",
-            "would create" if dry_run else "created",
-            partition.describe(),
-            f", {moved} row(s) from {DEFAULT_PARTITION}" if moved else "",
-        )
+    # NOTE: today first: until its partition exists, today's inserts go to the default partition.
+    ahead = [today + timedelta(days=offset) for offset in range(days_ahead + 1)]
+    for day in ahead:
+        if day not in existing:
+            _attempt(report, f"create {partition_name(day)}", _create_step, conn, report, day, stray_days, dry_run)
+    if retention_days is not None:
+        _attempt(report, f"expire rows of {DEFAULT_PARTITION}", _expire_step, conn, report, cutoff, dry_run)
+    for day in sorted(set(stray_days) - set(ahead) - existing, reverse=True):
+        _attempt(report, f"create {partition_name(day)}", _create_step, conn, report, day, stray_days, dry_run)
+    if drop_expired:
+        expired = [partition for partition in partitions if partition.day < cutoff]
+        for index, partition in enumerate(expired):
+            if not _attempt(report, f"drop {partition.name}", _drop_step, conn, report, partition, dry_run):
+                # NOTE: DROP of a partition locks request_log itself, so the other drops
+                # would each wait LOCK_TIMEOUT for the same lock: not tried this run.
+                report.skipped.extend(f"drop {later.name}: not tried after that" for later in expired[index + 1 :])
+                break
     return report
+
+
+def _attempt(report: Report, step: str, action: Callable[..., None], *args: object) -> bool:
+    """Run one step; on another session's lock (and the like) log it, note it and return False."""
+    try:
+        action(*args)
+    except _SKIPPABLE as ex:
+        reason = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        logger.warning("skipped %s: %s (%s); the next run retries", step, reason, type(ex).__name__)
+        report.skipped.append(f"{step}: {reason}")
+        return False
+    return True
+
+
+def _create_step(
+    conn: psycopg.Connection, report: Report, day: date, stray_days: dict[date, int], dry_run: bool
+) -> None:
+    partition = Partition.of(day)
+    moved = stray_days.get(day, 0) if dry_run else _create(conn, partition)
+    report.created.append(partition)
+    report.default_rows_moved += moved
+    logger.info(
+        "%s partition %s%s",
+        "would create" if dry_run else "created",
+        partition.describe(),
+        f", {moved} row(s) from {DEFAULT_PARTITION}" if moved else "",
+    )
+
+
+def _expire_step(conn: psycopg.Connection, report: Report, cutoff: date, dry_run: bool) -> None:
+    report.default_rows_expired = _expire_default_rows(conn, cutoff, dry_run=dry_run)
+
+
+def _drop_step(conn: psycopg.Connection, report: Report, partition: Partition, dry_run: bool) -> None:
+    _drop(conn, partition, dry_run=dry_run)
+    report.dropped.append(partition)
 
 
 def run(dsn: str, *, today: date, retention_days: int, dry_run: bool = False) -> Report:
@@ -173,7 +240,8 @@ def run(dsn: str, *, today: date, retention_days: int, dry_run: bool = False) ->
 
     Raises:
         RetentionError: request_log is not partitioned.
-        psycopg.Error: PostgreSQL is unreachable or refused a step (a lock timeout, a privilege).
+        psycopg.Error: PostgreSQL is unreachable or refused the run (a privilege); a step
+            held up by another session's lock is in ``Report.skipped`` instead.
     """
     from falcon_svc.requestlog.migrate import ADVISORY_LOCK_KEY
 
@@ -185,7 +253,8 @@ def run(dsn: str, *, today: date, retention_days: int, dry_run: bool = False) ->
             report = maintain(conn, today=today, retention_days=retention_days, dry_run=dry_run)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
-    logger.info(("dry run: " if dry_run else "") + report.summary())
+    log = logger.warning if report.skipped else logger.info
+    log(("dry run: " if dry_run else "") + report.summary())
     return report
 
 
@@ -208,13 +277,23 @@ def command(args: argparse.Namespace) -> int:
         print(f"retention: FAILED ({reason}); the steps before it are done, the next run retries", file=sys.stderr)
         return 1
     # NOTE: run() logged one line per change and the summary (stdout, the journal).
-    return 0 if report is not None else 1
+    if report is None:
+        return 1
+    if report.skipped:
+        print(
+            f"retention: INCOMPLETE, skipped {len(report.skipped)} step(s) (the next run retries): "
+            + "; ".join(report.skipped),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _drop(conn: psycopg.Connection, partition: Partition, *, dry_run: bool) -> None:
-    logger.info("%s partition %s", "would drop" if dry_run else "dropped", partition.describe())
     if not dry_run:
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition.name)))
+    # NOTE: said after the DROP, so a skipped drop is never logged as done.
+    logger.info("%s partition %s", "would drop" if dry_run else "dropped", partition.describe())
 
 
 def _expire_default_rows(conn: psycopg.Connection, cutoff: date, *, dry_run: bool) -> int:

@@ -6,8 +6,10 @@ partitions are made by running the maintenance as if on an earlier day.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -133,6 +135,112 @@ def test_migration_0002_keeps_the_rows_of_0001_in_their_days(postgres: PostgresS
         default = conn.execute("SELECT count(*) FROM request_log_default").fetchone()
     assert digests == (0,), "the unkeyed sha256 digests are not carried into text_hmac"
     assert default == (0,), "no row was left in the default partition"
+
+
+def old_shape_database(postgres: PostgresServer, days: list[date]) -> str:
+    """A database at migration 0001 (before partitioning) holding one row per day in ``days``."""
+    from falcon_svc.requestlog.migrate import load_migrations
+
+    url = new_database(postgres)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(load_migrations()[0].sql.encode())
+        conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, applied_at timestamptz)"
+        )
+        conn.execute("INSERT INTO schema_migrations VALUES ('0001', 'request_log', now())")
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO request_log (log_id, request_id, received_at) VALUES (%s, 'r', to_timestamp(%s))",
+                [(f"day-{day:%Y%m%d}", at(day)) for day in days],
+            )
+    return url
+
+
+def test_migrating_a_populated_table_creates_today_first_and_no_partition_for_expired_rows(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """60 days of 0001 rows, 30 days' retention: 30 past partitions (not 60), today's created first."""
+    days = [TODAY - timedelta(days=n) for n in range(60)]
+    url = old_shape_database(postgres, days)
+    monkeypatch.setenv("REQUEST_LOG_RETENTION_DAYS", str(RETENTION))  # migrate reads it as retention does
+    caplog.set_level(logging.INFO, logger=retention_module.__name__)
+
+    assert apply_migrations(url, today=TODAY) == ["0002"]
+
+    cutoff = TODAY - timedelta(days=RETENTION)
+    kept_days = [day for day in days if day >= cutoff]
+    ahead = [TODAY + timedelta(days=n) for n in range(DAYS_AHEAD + 1)]
+    expected = {partition_name(day) for day in kept_days + ahead}
+    left = partitions(url)
+    assert left - {"request_log_default"} == expected, f"unexpected: {sorted(left - expected)[:5]}..."
+    created = [record.getMessage().split()[2] for record in caplog.records if record.getMessage().startswith("created")]
+    assert created[: len(ahead)] == [partition_name(day) for day in ahead], (
+        f"today and the days ahead come first: {created[:3]}"
+    )
+    with psycopg.connect(url) as conn:
+        oldest = conn.execute("SELECT min(received_at) FROM request_log").fetchone()
+        counts = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE tableoid = 'request_log_default'::regclass) FROM request_log"
+        ).fetchone()
+    assert counts == (len(kept_days), 0), "every kept row is in its day, none in the default partition"
+    assert oldest is not None and oldest[0] == datetime.fromtimestamp(at(cutoff), UTC), "expired rows were not copied"
+    assert "expired row(s)" not in caplog.text, "0002 never copied them (no copy-then-delete)"
+    report = retention_module.run(url, today=TODAY, retention_days=RETENTION)
+    assert (report.dropped, report.created, report.skipped) == ([], [], []), "the next retention run has nothing to do"
+
+
+def test_a_locked_partition_is_skipped_and_the_rest_done_then_dropped_by_the_next_run(
+    postgres: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another session's open transaction on an expired day: only that drop waits for the next run."""
+    url = new_database(postgres)
+    apply_migrations(url)
+    today = datetime.now(UTC).date()  # the command's clock
+    locked_day, free_day = today - timedelta(days=41), today - timedelta(days=40)
+    backdate(url, locked_day, days_ahead=1)
+    write(url, at(locked_day), at(free_day))
+    missing = [today, today + timedelta(days=DAYS_AHEAD)]  # as on a host where earlier runs failed
+    with psycopg.connect(url, autocommit=True) as conn:
+        for day in missing:
+            conn.execute(f"DROP TABLE {partition_name(day)}")
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("REQUEST_LOG_RETENTION_DAYS", str(RETENTION))
+    monkeypatch.setattr(retention_module, "LOCK_TIMEOUT", "200ms")  # the lock is certain to be held: no race
+    caplog.set_level(logging.INFO, logger=retention_module.__name__)
+    start = datetime.combine(locked_day, datetime.min.time(), tzinfo=UTC)
+    with psycopg.connect(url) as reader:  # a report (or pg_dump) with its transaction open
+        reader.execute(
+            "SELECT count(*) FROM request_log WHERE received_at >= %s AND received_at < %s",
+            (start, start + timedelta(days=1)),
+        ).fetchone()
+        assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+        first = retention_module.command(argparse.Namespace(dry_run=False))
+
+        left = partitions(url)
+        stderr = capsys.readouterr().err
+        reader.rollback()
+    assert first == 1, "an incomplete run exits 1"
+    assert {partition_name(day) for day in missing} <= left, "the partitions ahead were created despite the lock"
+    # DROP locks request_log itself, so the reader holds up both drops; the second is not waited for.
+    assert {partition_name(locked_day), partition_name(free_day)} <= left, "nothing dropped under the lock"
+    assert "skipped 2 step(s)" in stderr, stderr
+    assert f"drop {partition_name(locked_day)}: canceling statement due to lock timeout" in stderr, stderr
+    assert f"drop {partition_name(free_day)}: not tried after that" in stderr, stderr
+    assert any(
+        record.levelname == "WARNING" and record.getMessage().startswith(f"skipped drop {partition_name(locked_day)}")
+        for record in caplog.records
+    ), caplog.text
+    assert not any("dropped partition" in record.getMessage() for record in caplog.records), caplog.text
+
+    assert retention_module.command(argparse.Namespace(dry_run=False)) == 0, capsys.readouterr().err
+    left = partitions(url)
+    assert not {partition_name(locked_day), partition_name(free_day)} & left, (
+        "the lock released, the next run dropped them"
+    )
 
 
 def test_expired_partitions_are_dropped_and_the_rest_kept(dsn: str) -> None:

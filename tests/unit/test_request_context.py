@@ -120,6 +120,27 @@ def test_a_refused_request_is_logged_without_inference_columns(keyed_client, req
     assert row.text is None
 
 
+def test_a_request_refused_for_its_api_key_gets_no_row_but_other_4xx_do(settings, model, request_log):
+    """Made-up bearer keys cost nginx's rate limit only: they must not become database writes."""
+    from falcon_svc.auth.keys import KeyRecord, KeyStore, generate_key, key_sha256
+
+    key = generate_key("client-a")
+    store = KeyStore([KeyRecord("client-a", key_sha256(key))])
+    deps = Dependencies(request_log=request_log)  # type: ignore[arg-type]
+    client = falcon.testing.TestClient(
+        create_app(settings, model, dependencies=deps, lifecycle=Lifecycle(), worker_id="test:1", api_keys=store)
+    )
+    for headers in ({}, {"Authorization": f"Bearer {generate_key('client-a')}"}):
+        refused = client.simulate_post("/infer", json={"text": "I love it"}, headers=headers)
+        assert refused.status_code == 401, refused.text
+    assert request_log.rows == [], "a 401 is in the access log only"
+
+    bad = client.simulate_post("/infer", json={"text": ""}, headers={"Authorization": f"Bearer {key}"})
+    assert bad.status_code == 422, bad.text
+    (row,) = request_log.rows
+    assert (row.status, row.client_key_id) == (422, "client-a"), "an authenticated client's 4xx keeps its row"
+
+
 def test_probes_and_pages_get_no_row(logged_client, request_log):
     for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):
         logged_client.simulate_get(path)

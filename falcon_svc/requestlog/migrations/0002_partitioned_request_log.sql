@@ -17,15 +17,18 @@
 -- (received_at is the request's own time.time(), stored in the row), so
 -- ON CONFLICT (log_id, received_at) DO NOTHING still stores it exactly once.
 --
--- Existing rows are kept: they are copied into the new table (they land in the
--- default partition; `falcon-svc migrate` then moves them into their days'
--- partitions in the same run). COST: the old table is read once and every row is
--- written twice (copy, then move), under an ACCESS EXCLUSIVE lock on request_log for
--- the duration of this transaction: the workers' inserts fail meanwhile and their
--- rows go to the spool, replayed once the migration commits. On a large table, run
--- the retention's cut first (DELETE the rows older than REQUEST_LOG_RETENTION_DAYS)
--- or accept the minutes it takes (roughly the time of a full-table COPY).
---
+-- Existing rows within the retention period are kept: they are copied into the new
+-- table (they land in the default partition; `falcon-svc migrate` then creates today's
+-- partition and the days ahead first, then moves the other days' rows into their
+-- partitions, newest first, in the same run). Rows older than the retention period
+-- are NOT copied: `falcon-svc migrate` sets falcon.request_log_keep_from (the first
+-- kept day, from REQUEST_LOG_RETENTION_DAYS) for this session, so they are never
+-- given partitions the next retention run would drop. Run by hand without that
+-- setting, every row is copied. COST: the kept rows are read once and written twice
+-- (copy, then move), under an ACCESS EXCLUSIVE lock on request_log for the duration
+-- of this transaction: the workers' inserts fail meanwhile and their rows go to the
+-- spool, replayed once the migration commits.
+
 -- text_sha256 (an unkeyed sha256 of the text: a dictionary of short texts reverses
 -- it) becomes text_hmac, an HMAC-SHA256 keyed with LOG_TEXT_HMAC_KEY. The old
 -- digests are NOT copied: a column named text_hmac holding unkeyed hashes would
@@ -76,6 +79,9 @@ INSERT INTO request_log (
 SELECT
     log_id, request_id, received_at, route, method, status, worker_id, model_version, label,
     confidence, n_texts, cache_hit, idempotent_replay, latency_ms, text_length, text
-FROM request_log_0001;
+FROM request_log_0001
+WHERE received_at >= coalesce(
+    nullif(current_setting('falcon.request_log_keep_from', true), '')::timestamptz, '-infinity'::timestamptz
+);
 
 DROP TABLE request_log_0001;
