@@ -27,6 +27,20 @@ def register(commands: Any) -> None:
     sign.add_argument("artifact", type=Path, metavar="ARTIFACT", help="the model directory")
     sign.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
     sign.add_argument("--force", action="store_true", help="sign again even if this key's signature verifies")
+    sign.add_argument(
+        "--expect-sha256",
+        action="append",
+        default=[],
+        metavar="FILE=HEX",
+        help="refuse to sign unless FILE (metadata.json or model.joblib) has this sha256, e.g. the "
+        "controller's, so the signature covers what was sent (repeatable)",
+    )
+    sign.add_argument(
+        "--publish",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="then swap ARTIFACT (a staging directory beside MODEL_DIR) into MODEL_DIR atomically",
+    )
     sign.set_defaults(handler=sign_command)
 
 
@@ -54,6 +68,7 @@ def sign_command(args: argparse.Namespace) -> int:
 
     try:
         private_key = load_private_key(args.key)
+        check_expected_sha256(args.artifact, args.expect_sha256)
         if args.force:
             signer, signed = sign_artifact(args.artifact, private_key), True
         else:
@@ -65,4 +80,29 @@ def sign_command(args: argparse.Namespace) -> int:
         print(f"signed {args.artifact} with key {signer}")
     else:
         print(f"unchanged: {args.artifact} is already signed by {signer}")
+    if args.publish is not None:
+        from falcon_svc.model.artifact import publish_artifact
+
+        try:
+            publish_artifact(args.artifact, args.publish)
+        except (OSError, ValueError, ModelLoadError) as ex:
+            print(f"falcon-svc model sign: cannot publish {args.artifact}: {ex}", file=sys.stderr)
+            return 1
+        print(f"published {args.artifact} as {args.publish}")
     return 0
+
+
+def check_expected_sha256(artifact: Path, expectations: list[str]) -> None:
+    """Raise ValueError unless each FILE=HEX names an artifact file with that sha256."""
+    from falcon_svc.model.artifact import METADATA_FILE, MODEL_FILE, sha256_file
+
+    for expectation in expectations:
+        name, _, expected = expectation.partition("=")
+        if name not in (METADATA_FILE, MODEL_FILE) or len(expected) != 64:
+            raise ValueError(f"--expect-sha256 {expectation!r}: expected {METADATA_FILE}=HEX or {MODEL_FILE}=HEX")
+        actual = sha256_file(artifact / name)
+        if actual != expected.lower():
+            raise ValueError(
+                f"refusing to sign {artifact}: {name} has sha256 {actual[:12]}..., not the expected "
+                f"{expected[:12]}... (it changed after it was sent)"
+            )

@@ -16,9 +16,10 @@ The key file holds one key per line::
 
     <id> <sha256 hex of the key> [<created YYYY-MM-DD> [comment ...]]
 
-Blank lines and lines starting with ``#`` are ignored. A file is parsed whole
-or refused whole (``KeyFileError`` names the line): a half-read file never
-becomes the keys a service accepts.
+A ``-`` in the created field stands for a date not known, so a line can carry
+a comment without one. Blank lines and lines starting with ``#`` are ignored. A
+file is parsed whole or refused whole (``KeyFileError`` names the line): a
+half-read file never becomes the keys a service accepts.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ KEY_PREFIX = "fsk_"
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# The created field of a line with a comment but no date (the field is positional).
+NO_DATE = "-"
 SECRET_BYTES = 32
 # A presented key longer than this is not one of ours: refused before it is hashed.
 MAX_KEY_CHARS = 256
@@ -62,8 +65,9 @@ class KeyRecord:
     comment: str = ""
 
     def line(self) -> str:
-        """Return the record as a key-file line."""
-        return " ".join(part for part in (self.key_id, self.sha256, self.created, self.comment) if part)
+        """Return the record as a key-file line (``-`` fills the created field of an undated comment)."""
+        created = self.created or (NO_DATE if self.comment else "")
+        return " ".join(part for part in (self.key_id, self.sha256, created, self.comment) if part)
 
 
 def valid_key_id(key_id: str) -> bool:
@@ -151,7 +155,7 @@ def parse_key_file(text: str, source: str = "key file") -> list[KeyRecord]:
         if not _SHA256_HEX.fullmatch(digest):
             # NOTE: the value is not echoed: a key pasted here by mistake must not reach the log.
             raise KeyFileError(f"{where}: the hash of {key_id!r} is not 64 lowercase hex digits")
-        created = fields[2] if len(fields) > 2 else ""
+        created = fields[2] if len(fields) > 2 and fields[2] != NO_DATE else ""
         if created and not _DATE.fullmatch(created):
             raise KeyFileError(f"{where}: created date {created[:40]!r} of {key_id!r} is not YYYY-MM-DD")
         if key_id in seen:

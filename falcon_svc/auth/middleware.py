@@ -13,7 +13,9 @@ Bearer realm="falcon-svc"``; a key that is not ours adds ``error="invalid_token"
 (RFC 6750, 3.1). An accepted key's id (never the key) goes on
 ``req.context.client_key_id`` for the logs, on ``req.context.client_id`` for the
 idempotency scope, and in the ``X-Client-Key-Id`` response header, which nginx
-keys its per-client rate limit and access log on.
+logs as ``client_key_id``. NOTE: nginx's per-client rate limit keys on the bearer
+token itself (``nginx/falcon-svc.conf.j2``): it is applied before the request is
+proxied, so a response header cannot decide it.
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@ the very bytes that are then parsed and unpickled.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -114,25 +117,54 @@ def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_metadata_bytes(model_dir: str | os.PathLike[str]) -> bytes:
-    path = Path(model_dir) / METADATA_FILE
-    if not Path(model_dir).is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as ex:
-        raise ModelLoadError(f"model metadata {path} is missing") from ex
-    except OSError as ex:
-        raise ModelLoadError(f"model metadata {path} is unreadable: {ex}") from ex
+    return _read_files(model_dir, (METADATA_FILE,))[0] or b""
 
 
 def read_artifact_bytes(model_dir: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """Return the exact bytes of (metadata.json, model.joblib); raise ModelLoadError."""
-    metadata_bytes = _read_metadata_bytes(model_dir)
-    model_path = Path(model_dir) / MODEL_FILE
+    metadata_bytes, model_bytes, _ = read_artifact_files(model_dir)
+    return metadata_bytes, model_bytes
+
+
+def read_artifact_files(model_dir: str | os.PathLike[str]) -> tuple[bytes, bytes, bytes | None]:
+    """Return the bytes of (metadata.json, model.joblib, signature.json or None), all from one directory.
+
+    NOTE: the directory is opened once and each file read through that handle, so a
+    swap (publish_artifact renames a new artifact over this directory) between two reads
+    cannot mix an old file with a new one: a reader gets the old artifact or the new one.
+    """
+    metadata_bytes, model_bytes, signature_bytes = _read_files(
+        model_dir, (METADATA_FILE, MODEL_FILE, SIGNATURE_FILE), optional={SIGNATURE_FILE}
+    )
+    return metadata_bytes or b"", model_bytes or b"", signature_bytes
+
+
+def _read_files(
+    model_dir: str | os.PathLike[str], names: Sequence[str], optional: frozenset[str] | set[str] = frozenset()
+) -> list[bytes | None]:
     try:
-        return metadata_bytes, model_path.read_bytes()
+        directory = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as ex:
-        raise ModelLoadError(f"model file {model_path} is missing or unreadable: {ex.strerror or ex}") from ex
+        raise ModelLoadError(f"model directory {model_dir} does not exist") from ex
+    contents: list[bytes | None] = []
+    try:
+        for name in names:
+            path = Path(model_dir) / name
+            try:
+                handle = os.open(name, os.O_RDONLY, dir_fd=directory)
+            except FileNotFoundError as ex:
+                if name in optional:
+                    contents.append(None)
+                    continue
+                what = "metadata" if name == METADATA_FILE else "file"
+                raise ModelLoadError(f"model {what} {path} is missing") from ex
+            except OSError as ex:
+                raise ModelLoadError(f"model file {path} is unreadable: {ex.strerror or ex}") from ex
+            with os.fdopen(handle, "rb") as stream:
+                contents.append(stream.read())
+    finally:
+        os.close(directory)
+    return contents
 
 
 def _parse_metadata(path: Path, data: bytes) -> dict[str, Any]:
@@ -161,17 +193,17 @@ def read_artifact(
 
     The signature (when ``public_keys`` are given) and the sha256 are checked before
     unpickling: joblib files run code on load, so an unexpected file must not get that
-    far. Each file is read once, and what is verified is what is parsed and unpickled,
-    so nothing can swap a file in between. The returned metadata's ``signature`` says
-    which key verified it, or UNAUTHENTICATED.
+    far. Each file is read once, through one handle on the directory, and what is
+    verified is what is parsed and unpickled, so nothing can swap a file in between.
+    The returned metadata's ``signature`` says which key verified it, or UNAUTHENTICATED.
     """
-    metadata_bytes, model_bytes = read_artifact_bytes(model_dir)
+    metadata_bytes, model_bytes, signature_bytes = read_artifact_files(model_dir)
     model_path = Path(model_dir) / MODEL_FILE
     signature = UNAUTHENTICATED
     if public_keys:
         from falcon_svc.model.signing import verify_signature
 
-        signer = verify_signature(model_dir, metadata_bytes, model_bytes, public_keys)
+        signer = verify_signature(model_dir, metadata_bytes, model_bytes, public_keys, signature_bytes=signature_bytes)
         signature = f"verified with key {signer.key_id}"
     metadata = _parse_metadata(Path(model_dir) / METADATA_FILE, metadata_bytes)
     actual = hashlib.sha256(model_bytes).hexdigest()
@@ -204,3 +236,72 @@ def is_valid_artifact(model_dir: str | os.PathLike[str]) -> bool:
         )
     except ModelLoadError:
         return False
+
+
+# --- Publishing: stage, sign, swap ------------------------------------------------------
+# NOTE: a worker (re)started while a model is being replaced must see the old, complete,
+# signed artifact or the new one, never a half-written or not-yet-signed one (it would
+# exit 66 and gunicorn would respawn it in a loop). So a new artifact is written and
+# signed in a staging directory beside the model directory, then the two directories are
+# exchanged in one renameat2(RENAME_EXCHANGE); the old one is kept as PREVIOUS_SUFFIX
+# until the next publish, so a reader that opened it just before the swap can finish.
+STAGING_PREFIX = ".staging-"
+PREVIOUS_SUFFIX = ".previous"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def staging_directory(model_dir: str | os.PathLike[str]) -> Path:
+    """Create an empty staging directory beside ``model_dir`` (same filesystem, same owner)."""
+    target = Path(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{STAGING_PREFIX}"))
+
+
+def previous_directory(model_dir: str | os.PathLike[str]) -> Path:
+    """Return where the artifact replaced by the last publish is kept (a manual rollback)."""
+    target = Path(model_dir)
+    return target.parent / f"{target.name}{PREVIOUS_SUFFIX}"
+
+
+def publish_artifact(staged: str | os.PathLike[str], model_dir: str | os.PathLike[str]) -> Path:
+    """Swap the complete artifact in ``staged`` into ``model_dir`` atomically; return ``model_dir``.
+
+    ``staged`` must be a sibling of ``model_dir`` (a rename cannot cross filesystems); it
+    is left empty of meaning afterwards (the old artifact is moved to previous_directory).
+    Sign ``staged`` first: what is swapped in is what workers load.
+    """
+    staged, target = Path(staged), Path(model_dir)
+    if staged.resolve().parent != target.resolve().parent:
+        raise ValueError(f"cannot publish {staged} into {target}: not in the same directory")
+    read_artifact_bytes(staged)  # NOTE: refuse an incomplete artifact before anyone can see it
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from the service
+    previous = previous_directory(target)
+    if previous.exists():
+        shutil.rmtree(previous)
+    if not target.exists():
+        os.rename(staged, target)
+        return target
+    try:
+        _exchange(staged, target)
+    except OSError as ex:
+        if ex.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        # NOTE: a filesystem without RENAME_EXCHANGE: two renames, with a window of
+        # microseconds (not minutes) in which MODEL_DIR does not exist.
+        os.rename(target, previous)
+        os.rename(staged, target)
+        return target
+    os.rename(staged, previous)
+    return target
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Exchange two paths atomically (Linux renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot exchange {first} and {second}: {os.strerror(code)}")

@@ -36,6 +36,7 @@ from falcon_svc.model.artifact import (
     ModelLoadError,
     atomic_write,
     read_artifact_bytes,
+    read_artifact_files,
 )
 from falcon_svc.model_commands import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 
@@ -51,6 +52,13 @@ class SignatureError(ModelLoadError):
 
 class SigningRefusedError(ValueError):
     """The artifact to sign lies where someone other than the signer could have written it."""
+
+
+class _Unread:
+    """The type of _UNREAD: verify_signature reads signature.json itself."""
+
+
+_UNREAD = _Unread()
 
 
 class PublicKeyError(ValueError):
@@ -202,9 +210,9 @@ def sign_unless_signed(model_dir: str | os.PathLike[str], private_key: Ed25519Pr
     """
     public_key = private_key.public_key()
     public = PublicKey(public_key, key_id(public_key), Path(model_dir))
-    metadata_bytes, model_bytes = read_artifact_bytes(model_dir)
+    metadata_bytes, model_bytes, signature_bytes = read_artifact_files(model_dir)
     try:
-        verify_signature(model_dir, metadata_bytes, model_bytes, [public])
+        verify_signature(model_dir, metadata_bytes, model_bytes, [public], signature_bytes=signature_bytes)
     except SignatureError:
         return sign_artifact(model_dir, private_key), True
     return public.key_id, False
@@ -215,16 +223,24 @@ def verify_signature(
     metadata_bytes: bytes,
     model_bytes: bytes,
     trusted: Sequence[PublicKey],
+    *,
+    signature_bytes: bytes | _Unread | None = _UNREAD,
 ) -> PublicKey:
     """Return the trusted key whose signature covers these exact bytes; raise SignatureError.
 
     The caller passes the bytes it will parse and unpickle, read once, so nothing can
-    swap a file between this check and the load.
+    swap a file between this check and the load; and, when it read them through one
+    handle on the directory (artifact.read_artifact_files), the signature's bytes too
+    (None: there was none), so a swapped-in artifact cannot pair with the old signature.
     """
     path = Path(model_dir) / SIGNATURE_FILE
     trusted_ids = ", ".join(key.key_id for key in trusted)
     try:
-        document = json.loads(path.read_text("utf-8"))
+        if isinstance(signature_bytes, _Unread):
+            signature_bytes = path.read_bytes()
+        if signature_bytes is None:
+            raise FileNotFoundError(path)
+        document = json.loads(signature_bytes.decode("utf-8"))
     except FileNotFoundError as ex:
         raise SignatureError(
             f"model artifact {model_dir} is not signed ({path} is missing) and MODEL_PUBLIC_KEY "

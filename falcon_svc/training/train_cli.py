@@ -1,7 +1,7 @@
 """Train the sentiment model from the command line (or a dummy if the corpus is missing).
 
 Usage: falcon-svc train [--output-dir models/sentiment] [--clean-set CSV] [--force] [--detailed-exit-code]
-                        [--signing-key KEY]
+                        [--signing-key KEY] [--atomic]
 
 Skips training when a verified, trained artifact already exists, so ``make run`` and
 ``make test`` stay fast after the first build; a dummy one is always rebuilt.
@@ -16,16 +16,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from falcon_svc.model.artifact import ModelLoadError, is_valid_artifact, read_metadata
+from falcon_svc.model.artifact import (
+    ModelLoadError,
+    is_valid_artifact,
+    publish_artifact,
+    read_metadata,
+    staging_directory,
+)
 from falcon_svc.model.signing import key_id, load_private_key, sign_artifact, sign_unless_signed
 from falcon_svc.training.data import DataUnavailableError
 from falcon_svc.training.dummy import KIND as DUMMY_KIND
 from falcon_svc.training.dummy import build_dummy_model
 from falcon_svc.training.evaluation import format_metrics_table
 from falcon_svc.training.training import train_model
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 # Relative to the working directory, as the service's MODEL_DIR default is, so a
 # plain `falcon-svc train` writes where a plain `falcon-svc serve` reads.
@@ -35,6 +46,8 @@ EXIT_FAILED = 1
 # the role need not parse messages: 0 = a valid trained model was already there.
 EXIT_TRAINED = 3
 EXIT_DUMMY = 4
+# A valid trained model was kept, but --signing-key had not signed it yet: signed now.
+EXIT_SIGNED = 5
 # The private key that signs what training writes (or keeps), when --signing-key is not given.
 SIGNING_KEY_ENV = "MODEL_SIGNING_KEY"
 
@@ -62,8 +75,15 @@ def parse_args(
     parser.add_argument(
         "--detailed-exit-code",
         action="store_true",
-        help=f"exit {EXIT_TRAINED} when a trained model was written, {EXIT_DUMMY} when a dummy was "
-        f"(0: a valid trained model was kept; {EXIT_FAILED}: training failed)",
+        help=f"exit {EXIT_TRAINED} when a trained model was written, {EXIT_DUMMY} when a dummy was, "
+        f"{EXIT_SIGNED} when a valid trained model was kept and signed "
+        f"(0: a valid trained model was kept as it was; {EXIT_FAILED}: training failed)",
+    )
+    parser.add_argument(
+        "--atomic",
+        action="store_true",
+        help="train and sign in a staging directory beside the output, then swap it in with one rename, "
+        "so a worker starting meanwhile loads the old signed model or the new one (what the Ansible role runs)",
     )
     parser.add_argument(
         "--signing-key",
@@ -77,6 +97,23 @@ def parse_args(
     if args.clean_set is not None and not args.clean_set.is_file():
         parser.error(f"--clean-set {args.clean_set} is not a file")
     return args
+
+
+def keep_model(output: Path, signing_key: Ed25519PrivateKey | None, *, detailed_exit_code: bool) -> int:
+    """Keep the valid trained model in ``output``, signing it unless the key already has."""
+    if signing_key is None:
+        return 0
+    # NOTE: in place even with --atomic: only signature.json changes, written to a
+    # temporary name and renamed, and the model a worker loads is the same either way.
+    try:
+        signed = sign_unless_signed(output, signing_key)[1]
+    except (ValueError, ModelLoadError) as ex:
+        print(f"ERROR: cannot sign the kept model: {ex}", file=sys.stderr)
+        return EXIT_FAILED
+    if not signed:
+        return 0
+    print(f"signed {output} with key {key_id(signing_key.public_key())}")
+    return EXIT_SIGNED if detailed_exit_code else 0
 
 
 def main(
@@ -103,29 +140,30 @@ def main(
             f"model {metadata['version']} (kind={metadata['kind']}) already in {output}; use --force to retrain",
             file=sys.stderr,
         )
-        if signing_key is not None:
-            try:
-                if sign_unless_signed(output, signing_key)[1]:
-                    print(f"signed {output} with key {key_id(signing_key.public_key())}")
-            except (ValueError, ModelLoadError) as ex:
-                print(f"ERROR: cannot sign the kept model: {ex}", file=sys.stderr)
-                return EXIT_FAILED
-        return 0
+        return keep_model(output, signing_key, detailed_exit_code=args.detailed_exit_code)
+    staged = staging_directory(output) if args.atomic else output
     try:
         try:
-            train_model(output, clean_set=args.clean_set)
+            train_model(staged, clean_set=args.clean_set)
         except DataUnavailableError as ex:
             print(
                 f"WARNING: training data unavailable ({ex}); building a DUMMY model "
                 f"(kind=dummy) in {output}. Its predictions are meaningless.",
                 file=sys.stderr,
             )
-            build_dummy_model(output)
+            build_dummy_model(staged)
         if signing_key is not None:
-            print(f"signed {output} with key {sign_artifact(output, signing_key)}")
+            print(f"signed {staged} with key {sign_artifact(staged, signing_key)}")
+        if args.atomic:
+            publish_artifact(staged, output)
     except Exception as ex:  # NOTE: report any failure as one clear line
         print(f"ERROR: training failed: {type(ex).__name__}: {ex}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if args.atomic:
+            # NOTE: after a publish this is the replaced artifact's old name (gone); after a
+            # failure, the half-written staging directory, which no worker ever saw.
+            shutil.rmtree(staged, ignore_errors=True)
     metadata = read_metadata(output)
     print(f"model {metadata['name']} {metadata['version']} (kind={metadata['kind']}) written to {output}")
     if metadata.get("metrics"):

@@ -21,6 +21,14 @@
     batch: "Texts to classify, one per line",
   };
 
+  // NOTE: sessionStorage, not localStorage: the key leaves with the tab, and no
+  // cookie carries it, so no other page of this origin sends it without asking.
+  const KEY_STORAGE = "falcon-svc.api-key";
+  const KEY_HINTS = {
+    missing: "This service needs an API key: enter yours in the API key field above and classify again.",
+    refused: "The API key entered above was refused: check it (or ask for a new one) and classify again.",
+  };
+
   const byId = (id) => document.getElementById(id);
   let completed = 0;
 
@@ -28,17 +36,38 @@
     return document.querySelector('input[name="mode"]:checked').value;
   }
 
-  // POST a JSON body; return what came back and the round trip as this page saw it.
+  function apiKey() {
+    return byId("api-key-input").value.trim();
+  }
+
+  // Keep the key for this tab only; an emptied field forgets it.
+  function rememberKey() {
+    try {
+      if (apiKey()) sessionStorage.setItem(KEY_STORAGE, apiKey());
+      else sessionStorage.removeItem(KEY_STORAGE);
+    } catch (err) {
+      // Storage off (a privacy setting): the key still works until the page is left.
+    }
+  }
+
+  function restoreKey() {
+    try {
+      byId("api-key-input").value = sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch (err) {
+      byId("api-key-input").value = "";
+    }
+  }
+
+  // POST a JSON body (with the API key, if one is entered); return what came back
+  // and the round trip as this page saw it.
   async function postJSON(path, body) {
     const started = performance.now();
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    if (apiKey()) headers.Authorization = "Bearer " + apiKey();
     let response;
     let text;
     try {
-      response = await fetch(path, {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify(body),
-      });
+      response = await fetch(path, { method: "POST", headers: headers, body: JSON.stringify(body) });
       text = await response.text();
     } catch (err) {
       return { status: 0, body: null, networkError: String(err), rtt: performance.now() - started };
@@ -165,8 +194,13 @@
     byId("error-message").textContent = message;
     byId("error-field").textContent = field || "";
     byId("error-field-row").hidden = !field;
+    // A 401 is this page's to fix: say what to do, next to the service's own message.
+    const hint = reply.status === 401 ? KEY_HINTS[apiKey() ? "refused" : "missing"] : "";
+    byId("error-hint").textContent = hint;
+    byId("error-hint").hidden = !hint;
     byId("error").hidden = false;
     byId("result").hidden = true;
+    if (hint) byId("api-key-input").focus();
   }
 
   function setBusy(busy) {
@@ -181,6 +215,7 @@
     const raw = byId("text-input").value;
     // Blank input is sent as it is: the service's own message says what is wrong.
     const texts = raw.split(/\r?\n/).filter((line) => line.trim() !== "");
+    rememberKey(); // what is sent is what is kept, however the field was filled
     setBusy(true);
     try {
       const reply = mode === "batch" ? await postJSON("/infer/batch", { texts: texts }) : await postJSON("/infer", { text: raw });
@@ -220,6 +255,8 @@
   }
 
   function init() {
+    restoreKey();
+    byId("api-key-input").addEventListener("input", rememberKey);
     byId("classify-form").addEventListener("submit", classify);
     for (const radio of document.querySelectorAll('input[name="mode"]')) {
       radio.addEventListener("change", onModeChange);

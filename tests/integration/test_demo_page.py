@@ -7,7 +7,8 @@ FALCON_REQUIRE_MODEL is set; without chromium they skip, or fail under CI
 (tests/tools.py). Each test leaves its screenshots in its tmp_path.
 
 The page sets ``data-completed`` on <body> after each answer it shows: the tests wait
-for that instead of sleeping.
+for that instead of sleeping. A second service requires an API key (as the Ansible
+deployment does by default): the page's key field must get the demo through it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from test_gunicorn_serving import call, free_port, running_service, service_env
 from tools import model_required, require_tool, skip_or_fail
 
+from falcon_svc.auth.keys import KeyRecord, generate_key, key_sha256, write_key_file
 from falcon_svc.model.artifact import METADATA_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -70,6 +73,25 @@ def port(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     env = service_env(trained_model_dir, bound, directory, WORKERS="1", REQUEST_LOG_ENABLED="false")
     with running_service(env, directory / "service.log"):
         yield bound
+
+
+@pytest.fixture(scope="module")
+def keyed_service(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """A real `falcon-svc serve` that requires an API key (API_KEYS_FILE); yields its port and a key."""
+    directory = tmp_path_factory.mktemp("demo-keyed-service")
+    key = generate_key("demo")
+    write_key_file(directory / "api_keys", [KeyRecord("demo", key_sha256(key))])
+    bound = free_port()
+    env = service_env(
+        trained_model_dir,
+        bound,
+        directory,
+        WORKERS="1",
+        REQUEST_LOG_ENABLED="false",
+        API_KEYS_FILE=str(directory / "api_keys"),
+    )
+    with running_service(env, directory / "service.log"):
+        yield bound, key
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +267,60 @@ def test_docs_renders_every_operation_offline(browser, port, tmp_path):
     elsewhere = [url for url in loaded if not url.startswith(f"http://127.0.0.1:{port}/")]
     assert not elsewhere, f"/docs fetched from other hosts: {elsewhere}"
     assert not console_problems(browser), "a failed load, a script error or a Content-Security-Policy refusal"
+
+
+def fill_api_key(browser: WebDriver, key: str) -> None:
+    """Replace the key field's text by keyboard, as a person would (so the page sees each input event)."""
+    box = browser.find_element(By.ID, "api-key-input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    if key:
+        box.send_keys(key)
+
+
+def test_a_keyed_service_says_a_key_is_needed_and_classifies_with_one(browser, keyed_service, tmp_path):
+    """Keys on (the deployment's default): the 401 is shown with what to do; the key entered is sent."""
+    port, key = keyed_service
+    status, _, refused = call(port, "POST", "/infer", {"text": POSITIVE})
+    assert status == 401, refused
+    open_demo(browser, port)
+    key_box = browser.find_element(By.ID, "api-key-input")
+    assert key_box.get_attribute("type") == "password", "the key would be shown on screen"
+
+    submit(browser, POSITIVE)
+    browser.save_screenshot(str(tmp_path / "demo-keyed-no-key.png"))
+    assert browser.find_element(By.ID, "error").is_displayed(), "no error shown for the 401"
+    assert text_of(browser, "error-status") == "HTTP 401"
+    assert text_of(browser, "error-code") == refused["error"]["code"]
+    assert text_of(browser, "error-message") == refused["error"]["message"]
+    assert browser.find_element(By.ID, "error-hint").is_displayed(), "the 401 does not say what to do"
+    assert "API key field" in text_of(browser, "error-hint"), text_of(browser, "error-hint")
+
+    fill_api_key(browser, key[:-2] + "xx")
+    submit(browser, POSITIVE)
+    assert text_of(browser, "error-status") == "HTTP 401", "a wrong key was not refused"
+    assert "refused" in text_of(browser, "error-hint"), text_of(browser, "error-hint")
+
+    fill_api_key(browser, key)
+    submit(browser, POSITIVE)
+    browser.save_screenshot(str(tmp_path / "demo-keyed.png"))
+    assert browser.find_element(By.ID, "result").is_displayed(), text_of(browser, "error-message")
+    assert not browser.find_element(By.ID, "error").is_displayed(), "the 401 is still shown"
+    assert text_of(browser, "label") == "positive", f"{POSITIVE!r} shown as {text_of(browser, 'label')}"
+
+    # Kept for this tab only: a reload still has it; it is in no cookie and not in localStorage.
+    open_demo(browser, port)
+    assert browser.find_element(By.ID, "api-key-input").get_attribute("value") == key, "the key was not kept"
+    stored = browser.execute_script(
+        "return [sessionStorage.getItem('falcon-svc.api-key'), JSON.stringify(localStorage), document.cookie]"
+    )
+    assert stored == [key, "{}", ""], stored
+    submit(browser, NEGATIVE)
+    assert text_of(browser, "label") == "negative", text_of(browser, "error-message")
+
+    # Emptying the field forgets the key.
+    fill_api_key(browser, "")
+    assert browser.execute_script("return sessionStorage.getItem('falcon-svc.api-key')") is None
+    # Chromium logs every 4xx fetch as an error: the two 401s asked for, and nothing else.
+    unexpected = [line for line in console_problems(browser) if "/infer - Failed to load resource" not in line]
+    assert not unexpected, unexpected

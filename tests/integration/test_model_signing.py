@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import joblib
 import pytest
 from test_gunicorn_serving import call, free_port, running_service, serve_expecting_exit, service_env
 
-from falcon_svc.model.artifact import METADATA_FILE, MODEL_FILE
+from falcon_svc.model.artifact import METADATA_FILE, MODEL_FILE, staging_directory
 from falcon_svc.model.signing import generate_keypair, load_private_key, load_public_key, sign_artifact
 from falcon_svc.startup import EXIT_NO_MODEL
 
@@ -95,3 +97,37 @@ def test_a_reload_refuses_a_model_tampered_after_start(signed, tmp_path):
     refusals = [line for line in log_path.read_text().splitlines() if "does not verify" in line]
     assert key_id in refusals[0], refusals[0]
     assert not marker.exists(), "a reloaded worker unpickled the tampered model"
+
+
+def test_workers_booted_after_a_swap_load_the_new_signed_model(signed, tmp_path):
+    """`model sign --publish` (what the role runs for a shipped model) swaps a signed model in under a live master.
+
+    The master keeps running across the directory exchange; the workers SIGHUP boots
+    verify and serve the new artifact, and none exits 66.
+    """
+    artifact, public, _ = signed
+    staged = staging_directory(artifact)
+    for name in (METADATA_FILE, MODEL_FILE):
+        shutil.copy(artifact / name, staged / name)
+    metadata = json.loads((staged / METADATA_FILE).read_text())
+    (staged / METADATA_FILE).write_text(json.dumps({**metadata, "version": "shipped-2"}))
+    port, log_path = free_port(), tmp_path / "service.log"
+    env = service_env(artifact, port, tmp_path, WORKER_CLASS="sync", WORKERS="1", MODEL_PUBLIC_KEY=str(public))
+    with running_service(env, log_path) as master:
+        assert call(port, "GET", "/v1/models")[2]["models"][0]["version"] == metadata["version"]
+        sign = subprocess.run(
+            [sys.executable, "-m", "falcon_svc.cli", "model", "sign", str(staged),
+             "--key", str(tmp_path / "keys" / "model-signing.key"), "--publish", str(artifact)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert sign.returncode == 0, sign.stderr
+        master.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while call(port, "GET", "/v1/models")[2]["models"][0]["version"] != "shipped-2":
+            assert time.monotonic() < deadline, (
+                f"the new model was not served 60 s after SIGHUP: {log_path.read_text()[-3000:]}"
+            )
+            time.sleep(0.2)
+        status, _, body = call(port, "POST", "/infer", {"text": "swapped in and served"})
+        assert status == 200, body
+    assert "cannot load the model" not in log_path.read_text()

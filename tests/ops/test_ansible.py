@@ -10,10 +10,12 @@ tests fail, not skip: CI must check the deployment code.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -264,6 +266,7 @@ def test_argument_spec_lists_exactly_the_settings_the_operator_may_set() -> None
 TRAINING_OUTCOMES = {
     "valid_model_kept": (0, {}, False, False),
     "model_trained": (3, {}, True, False),
+    "kept_model_signed": (5, {}, True, False),
     "dummy_refused": (4, {}, False, True),
     "dummy_allowed": (4, {"ALLOW_DUMMY_MODEL": "yes"}, True, False),
     "training_failed": (1, {}, False, True),
@@ -288,6 +291,7 @@ def test_model_task_judges_training_by_exit_code(tmp_path: Path) -> None:
             "falcon_svc_env_overrides": overrides,
             "falcon_svc_state_dir": str(tmp_path),
             "falcon_svc_model_dir": "/srv/model",
+            "_falcon_svc_model_signing_key": "/srv/keys/model-signing.key",
             "ansible_become": False,
         }
     tasks = [
@@ -298,6 +302,9 @@ def test_model_task_judges_training_by_exit_code(tmp_path: Path) -> None:
         assert (tmp_path / host / "falcon-svc.args").read_text().split() == [
             "train",
             "--detailed-exit-code",
+            "--atomic",
+            "--signing-key",
+            "/srv/keys/model-signing.key",
             "--output-dir",
             "/srv/model",
         ]
@@ -632,3 +639,172 @@ def test_grafana_apt_key_is_trusted_only_with_the_pinned_fingerprint(tmp_path: P
             assert not keyring.exists(), f"{host}: an unverified key reached the keyring apt reads"
     again = _recap(_play(tmp_path, tasks, {"pinned": hosts["pinned"]}, role=GRAFANA_ROLE))
     assert (again["pinned"]["changed"], again["pinned"]["failed"]) == (0, 0), "a second run must change nothing"
+
+
+# --- API keys: refused up front, written before the env file names it, reloaded only when safe
+
+GOOD_CLIENT = {"id": "billing", "sha256": "b" * 64}
+# host -> (falcon_svc_api_keys_enabled, falcon_svc_api_keys, whether the preflight must refuse it)
+API_KEY_CASES = {
+    "role_default_empty_list": (True, [], True),
+    "keys_off_empty_list": (False, [], False),
+    "one_client": (True, [GOOD_CLIENT], False),
+    "dated_and_commented": (True, [{**GOOD_CLIENT, "created": "2026-12-01", "comment": "ops"}], False),
+    "key_in_place_of_its_hash": (True, [{"id": "billing", "sha256": "fsk_billing_" + "x" * 43}], True),
+    "id_twice": (True, [GOOD_CLIENT, {**GOOD_CLIENT, "sha256": "c" * 64}], True),
+    "bad_date": (True, [{**GOOD_CLIENT, "created": "yesterday"}], True),
+}
+
+
+def test_api_keys_are_refused_in_preflight_before_anything_changes(tmp_path: Path) -> None:
+    """An empty or malformed key list fails the run before the host changes.
+
+    Refused later, after configure.yml wrote API_KEYS_FILE into the env file, the
+    rolling restart (force_handlers) brought up workers that found no key file, exited
+    78 and stayed down. So: the assert lives in preflight.yml, and the key file is
+    written before the env file names it.
+    """
+    hosts = {
+        host: {
+            **TEST_SECRETS,
+            "falcon_svc_source_dir": str(REPO_ROOT),
+            "falcon_svc_api_keys_enabled": enabled,
+            "falcon_svc_api_keys": clients,
+        }
+        for host, (enabled, clients, _) in API_KEY_CASES.items()
+    }
+    tasks = [
+        {"name": "Run the role's preflight", "ansible.builtin.import_tasks": str(FALCON_ROLE / "tasks/preflight.yml")}
+    ]
+    output = _play(tmp_path, tasks, hosts)
+    recap = _recap(output)
+    for host, (_, _, refused) in API_KEY_CASES.items():
+        assert bool(recap[host]["failed"]) == refused, f"{host}: expected refused={refused}\n{output}"
+        assert recap[host]["changed"] == 0, f"{host}: the preflight changed something\n{output}"
+    assert "fsk_billing_" not in output, "the preflight printed a key"
+
+    imports = [task.get("ansible.builtin.import_tasks") for task in _yaml_list(FALCON_ROLE / "tasks/main.yml")]
+    order = [name for name in imports if name]
+    assert order.index("preflight.yml") < order.index("install.yml") < order.index("api_keys.yml"), order
+    assert order.index("api_keys.yml") < order.index("configure.yml"), (
+        f"api_keys.yml must write the key file before configure.yml's env file names it: {order}"
+    )
+    asserts = [task for task in _yaml_list(FALCON_ROLE / "tasks/api_keys.yml") if "ansible.builtin.assert" in task]
+    assert not asserts, "api_keys.yml asserts: an assert after install.yml has changed the host already"
+
+
+def test_api_key_file_keeps_every_field_the_inventory_gives(tmp_path: Path) -> None:
+    """api_keys.j2 writes what falcon_svc.auth.keys parses back: ids, hashes, dates and comments."""
+    from falcon_svc.auth.keys import KeyRecord, read_key_file
+
+    clients = [
+        {"id": "plain", "sha256": "a" * 64},
+        {"id": "dated", "sha256": "b" * 64, "created": "2026-12-01"},
+        {"id": "both", "sha256": "c" * 64, "created": "2026-12-01", "comment": "ops  team\nlaptop"},
+        {"id": "undated.comment", "sha256": "d" * 64, "comment": "billing batch"},
+    ]
+    tasks = [
+        {
+            "name": "Write the key file as the role does",
+            "ansible.builtin.template": {
+                "src": str(FALCON_ROLE / "templates/api_keys.j2"),
+                "dest": f"{tmp_path}/api_keys",
+                "mode": "0600",
+            },
+        }
+    ]
+    output = _play(tmp_path, tasks, {"host": {"falcon_svc_api_keys": clients}})
+    assert _recap(output)["host"]["failed"] == 0, output
+    assert read_key_file(tmp_path / "api_keys") == [
+        KeyRecord("plain", "a" * 64),
+        KeyRecord("dated", "b" * 64, "2026-12-01"),
+        KeyRecord("both", "c" * 64, "2026-12-01", "ops team laptop"),
+        KeyRecord("undated.comment", "d" * 64, "", "billing batch"),
+    ]
+
+
+def _fake_systemctl(tmp_path: Path, main_pids: dict[int, int]) -> Path:
+    """A ``systemctl`` that answers MainPID from ``main_pids`` (port -> pid) and logs the rest.
+
+    NOTE: this machine runs no systemd (the e2e host does). The processes behind the
+    pids are real, so the role's ``ps`` and ``stat`` read real start times and mtimes.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    cases = "\n".join(f"  *falcon-worker@{port}.service) echo {pid} ;;" for port, pid in main_pids.items())
+    script = bin_dir / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'if [ "$1" = show ]; then\n'
+        '  case "$*" in\n'
+        f"{cases}\n"
+        "  *) echo 0 ;;\n"
+        "  esac\n"
+        "fi\n"
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_key_reload_spares_masters_older_than_the_installed_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key change reloads only masters that run the installed code; the others get the rolling restart.
+
+    A HUP to a master started before an upgrade forks workers that mix its old modules
+    with the new ones on disk: on the first upgrade to API keys every worker failed to
+    boot and every master exited (502 everywhere). Such a master must not be reloaded;
+    the restart handler (one worker at a time) applies the keys instead.
+    """
+    masters = [subprocess.Popen(["sleep", "600"]) for _ in range(3)]  # a plain long-lived process
+    try:
+        now = int(time.time())
+        # host -> (its worker ports with the pid of each running master, site-packages mtime)
+        hosts_setup = {
+            "code_older_than_masters": ({18001: masters[0].pid, 18002: masters[1].pid}, now - 3600),
+            "upgraded_in_this_run": ({18011: masters[2].pid}, now + 5),
+            "first_run_nothing_running": ({18021: 0}, now - 3600),
+        }
+        pids = {port: pid for ports, _ in hosts_setup.values() for port, pid in ports.items() if pid}
+        monkeypatch.setenv("PATH", f"{_fake_systemctl(tmp_path, pids)}:{os.environ['PATH']}")
+        hosts = {}
+        for host, (ports, mtime) in hosts_setup.items():
+            site_packages = tmp_path / host / "venv/lib/python3.11/site-packages"
+            site_packages.mkdir(parents=True)
+            os.utime(site_packages, (mtime, mtime))
+            hosts[host] = {
+                "falcon_svc_venv": str(tmp_path / host / "venv"),
+                "falcon_svc_worker_ports": list(ports),
+                "falcon_svc_group": grp.getgrgid(os.getgid()).gr_name,
+                "_falcon_svc_api_keys_file": str(tmp_path / host / "api_keys"),
+                "falcon_svc_api_keys": [GOOD_CLIENT],
+            }
+        tasks = [
+            {
+                "name": "Run the role's key tasks",
+                "ansible.builtin.import_tasks": str(FALCON_ROLE / "tasks/api_keys.yml"),
+            }
+        ]
+        (tmp_path / "templates").symlink_to(FALCON_ROLE / "templates")  # found as the role finds them
+        first = _play(tmp_path, tasks, hosts)
+        assert all(counts["failed"] == 0 for counts in _recap(first).values()), first
+        log = tmp_path / "systemctl.log"
+        reloads = sorted(line for line in log.read_text().splitlines() if not line.startswith("show"))
+        assert reloads == [
+            "try-reload-or-restart falcon-worker@18001.service",
+            "try-reload-or-restart falcon-worker@18002.service",
+        ], f"expected a reload of the masters running the installed code only\n{first}"
+        handler = first.split("RUNNING HANDLER [Restart falcon workers]", 1)
+        assert len(handler) == 2 and "[upgraded_in_this_run]" in handler[1], f"no rolling restart\n{first}"
+        assert "[code_older_than_masters]" not in handler[1], f"a restart after a safe reload\n{first}"
+
+        log.unlink()
+        second = _play(tmp_path, tasks, hosts)
+        assert all(counts["changed"] == 0 for counts in _recap(second).values()), f"not idempotent\n{second}"
+        assert not log.exists(), f"an unchanged key file still touched the workers: {log.read_text()}"
+    finally:
+        for master in masters:
+            master.kill()
+            master.wait()

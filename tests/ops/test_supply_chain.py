@@ -199,14 +199,40 @@ def test_no_role_installs_a_compiler_on_the_host() -> None:
     assert not found, f"a role installs a compiler or Python headers on the host: {found}"
 
 
+# A stand-in for pip-audit: each FAKE_AUDIT_MODE ends the way pip-audit 2.x does (the last
+# lines of its real tracebacks and usage errors, taken from runs without network or with a
+# bad argument), so scripts/audit.sh is judged on what it will really read.
 FAKE_PIP_AUDIT = """#!{python}
 import json, os, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_AUDIT_LOG"], "a") as log:
     log.write(json.dumps(args) + "\\n")
 mode = os.environ["FAKE_AUDIT_MODE"]
-if mode == "offline":
-    sys.exit("pip_audit: ConnectionError: the vulnerability service is unreachable")
+TRACEBACK = "Traceback (most recent call last):\\n  File \\"pip_audit/_cli.py\\", line 554, in audit\\n"
+ENDINGS = {{
+    "offline": "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='pypi.org', port=443): "
+               "Max retries exceeded with url: /pypi/falcon/4.4.0/json (Caused by NameResolutionError)",
+    "proxy-down": "requests.exceptions.ProxyError: HTTPSConnectionPool(host='pypi.org', port=443): "
+                  "Max retries exceeded (Caused by ProxyError('Unable to connect to proxy'))",
+    "feed-timeout": "pip_audit._service.interface.ConnectionError: Could not connect to PyPI's vulnerability feed",
+    "server-error": "requests.exceptions.HTTPError: 503 Server Error: Service Unavailable for url: "
+                    "https://pypi.org/pypi/falcon/4.4.0/json\\n\\nThe above exception was the direct cause "
+                    "of the following exception:\\n\\n" + TRACEBACK + "pip_audit._service.interface.ServiceError",
+    "forbidden": "requests.exceptions.HTTPError: 403 Client Error: Forbidden for url: "
+                 "https://pypi.org/pypi/falcon/4.4.0/json\\n\\nThe above exception was the direct cause "
+                 "of the following exception:\\n\\n" + TRACEBACK + "pip_audit._service.interface.ServiceError",
+    "crash": "KeyError: 'vulnerabilities'",
+}}
+if mode == "usage":
+    sys.stderr.write("usage: pip-audit [-h] [-V] ...\\npip-audit: error: unrecognized arguments: --bogus\\n")
+    sys.exit(2)
+if mode == "bad-lock":
+    sys.stderr.write("ERROR:pip_audit._cli:requirement file x.lock contains invalid specifier at line 1\\n"
+                     "    x===\\n     ^\\n")
+    sys.exit(1)
+if mode in ENDINGS:
+    sys.stderr.write(TRACEBACK + ENDINGS[mode] + "\\n")
+    sys.exit(1)
 deps = [{{"name": "falcon", "version": "4.4.0", "vulns": []}}]
 if mode == "vulnerable":
     deps[0]["vulns"] = [{{"id": "PYSEC-0000-1", "fix_versions": ["4.4.1"]}}]
@@ -216,28 +242,61 @@ sys.exit(1 if mode == "vulnerable" else 0)
 """
 
 
-@pytest.mark.parametrize(
-    ("mode", "exit_code", "said"),
-    [("clean", 0, "no known vulnerability"), ("vulnerable", 1, "VULNERABLE:"), ("offline", 0, "WARNING:")],
-)
-def test_audit_checks_the_locks_by_hash_and_fails_only_on_a_known_vulnerability(
-    tmp_path: Path, mode: str, exit_code: int, said: str
-) -> None:
-    """scripts/audit.sh judges pip-audit's report; pip-audit itself is a stand-in (no network)."""
+def _run_audit(tmp_path: Path, mode: str, *args: str) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    """Run scripts/audit.sh with the stand-in pip-audit in ``mode``; return the result and its calls."""
     fake = tmp_path / "pip-audit"
     fake.write_text(FAKE_PIP_AUDIT.format(python=sys.executable))
     fake.chmod(0o755)
     log = tmp_path / "calls.jsonl"
     result = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "audit.sh")],
+        ["bash", str(REPO_ROOT / "scripts" / "audit.sh"), *args],
         cwd=REPO_ROOT,
         env={**os.environ, "PIP_AUDIT": str(fake), "PYTHON": sys.executable,
              "FAKE_AUDIT_LOG": str(log), "FAKE_AUDIT_MODE": mode},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+    return result, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("mode", "exit_code", "said"),
+    [
+        ("clean", 0, "no known vulnerability"),
+        ("vulnerable", 1, "VULNERABLE: requirements.lock: falcon 4.4.0: PYSEC-0000-1"),
+        # The database cannot be reached: warn, and let an offline build test.
+        ("offline", 0, "WARNING: requirements.lock: not audited, pip-audit could not reach its database"),
+        ("proxy-down", 0, "could not reach its database: requests.exceptions.ProxyError"),
+        ("feed-timeout", 0, "could not reach its database: pip_audit._service.interface.ConnectionError"),
+        ("server-error", 0, "could not reach its database: pip_audit._service.interface.ServiceError"),
+        # Anything else is a broken audit, and must not pass `make test`.
+        ("forbidden", 1, "FAILED: requirements.lock: pip-audit exited 1 without a report"),
+        ("crash", 1, "FAILED: requirements.lock: pip-audit exited 1 without a report: KeyError"),
+        ("usage", 1, "FAILED: requirements.lock: pip-audit exited 2 without a report: pip-audit: error"),
+        ("bad-lock", 1, "without a report: ERROR:pip_audit._cli:requirement file x.lock contains invalid"),
+    ],
+)
+def test_audit_checks_the_locks_by_hash_and_skips_only_an_unreachable_database(
+    tmp_path: Path, mode: str, exit_code: int, said: str
+) -> None:
+    """scripts/audit.sh judges pip-audit's report and errors; pip-audit itself is a stand-in (no network)."""
+    result, calls = _run_audit(tmp_path, mode)
     assert result.returncode == exit_code, result.stdout + result.stderr
     assert said in result.stdout, result.stdout
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
     audited = [Path(call[call.index("--requirement") + 1]).name for call in calls]
     assert audited == ["requirements.lock", "requirements-nodeps.lock", "requirements-build.lock", "meinheld-sdist.txt"]
     assert all("--require-hashes" in call and "--disable-pip" in call for call in calls), calls
+
+
+def test_audit_fails_when_the_real_pip_audit_rejects_its_arguments(tmp_path: Path) -> None:
+    """The real pip-audit (no network needed: it fails parsing its arguments) with a bogus flag fails the audit."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("falcon==4.0.2 --hash=sha256:" + "0" * 64 + "\n")
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "audit.sh"), "--no-such-flag"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PIP_AUDIT": str(REPO_ROOT / ".venv" / "bin" / "pip-audit"),
+             "PYTHON": sys.executable, "AUDIT_REQUIREMENTS": str(requirements)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "unrecognized arguments: --no-such-flag" in result.stdout, result.stdout

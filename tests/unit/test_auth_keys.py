@@ -99,6 +99,14 @@ def test_parse_reads_ids_hashes_dates_and_comments():
     assert parse_key_file("\n".join(record.line() for record in records)) == records
 
 
+def test_a_comment_without_a_created_date_survives_the_round_trip():
+    """``-`` fills the positional created field, so the comment is neither lost nor read as a date."""
+    undated = KeyRecord("delta", "d" * 64, "", "billing batch")
+    assert undated.line() == f"delta {'d' * 64} - billing batch"
+    assert parse_key_file(undated.line()) == [undated]
+    assert parse_key_file(f"delta {'d' * 64} -\n") == [KeyRecord("delta", "d" * 64)]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -21,12 +21,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from falcon_svc.model import ModelLoadError, load_model
+from falcon_svc.model import artifact as artifact_module
 from falcon_svc.model.artifact import (
     METADATA_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
     UNAUTHENTICATED,
+    previous_directory,
+    publish_artifact,
     read_artifact,
+    staging_directory,
     write_artifact,
 )
 from falcon_svc.model.signing import (
@@ -226,16 +230,134 @@ def test_train_signs_what_it_writes_with_the_key_from_the_environment(keys, trus
 
 
 def test_train_signs_a_kept_model_once(keys, trusted, tmp_path, monkeypatch, capsys):
-    """An upgrade: a valid trained model is kept (exit 0) and signed if it was not."""
+    """An upgrade: a valid trained model is kept and signed if it was not (exit 5: tasks/model.yml's "changed")."""
     output = build_dummy_model(tmp_path / "m")
     rewrite_metadata(output, kind="tfidf-lexicon-logreg")
     monkeypatch.setattr(train_cli, "train_model", no_training_data)
-    argv = ["--detailed-exit-code", "--output-dir", str(output), "--signing-key", str(keys / PRIVATE_KEY_FILE)]
-    assert train_cli.main(argv) == 0
+    key = str(keys / PRIVATE_KEY_FILE)
+    argv = ["--detailed-exit-code", "--atomic", "--output-dir", str(output), "--signing-key", key]
+    assert train_cli.main(argv) == train_cli.EXIT_SIGNED
     assert "signed" in capsys.readouterr().out
     read_artifact(output, public_keys=trusted)
     assert train_cli.main(argv) == 0
     assert "signed" not in capsys.readouterr().out, "signed again although the signature verified"
+
+
+def test_train_atomic_keeps_the_old_signed_model_loadable_until_it_swaps_in_the_new(
+    keys, trusted, tmp_path, monkeypatch
+):
+    """A worker started at any moment of `train --atomic` loads a complete signed model.
+
+    Writing in place (the role before this) removed the signature, then rewrote both
+    files, then signed: a worker started in between exited 66, in a respawn loop.
+    """
+    key = load_private_key(keys / PRIVATE_KEY_FILE)
+    output = build_dummy_model(tmp_path / "models" / "sentiment")
+    rewrite_metadata(output, generation="old")
+    sign_artifact(output, key)
+    seen: list[str] = []
+
+    def generation() -> str:
+        return str(read_artifact(output, public_keys=trusted)[1].get("generation", "new"))
+
+    def train_while_workers_start(staged: Path, **_: object) -> Path:
+        seen.append(generation())
+        build_dummy_model(staged)
+        seen.append(generation())  # written, not yet signed
+        return staged
+
+    def publish_while_workers_start(staged: Path, model_dir: Path) -> Path:
+        seen.append(generation())  # signed, not yet swapped in
+        return publish_artifact(staged, model_dir)
+
+    monkeypatch.setattr(train_cli, "train_model", train_while_workers_start)
+    monkeypatch.setattr(train_cli, "publish_artifact", publish_while_workers_start)
+    argv = ["--detailed-exit-code", "--atomic", "--force", "--output-dir", str(output)]
+    assert train_cli.main([*argv, "--signing-key", str(keys / PRIVATE_KEY_FILE)]) == train_cli.EXIT_DUMMY
+    assert seen == ["old", "old", "old"], f"a worker starting mid-training would have seen {seen}"
+    assert generation() == "new"
+    assert read_artifact(previous_directory(output), public_keys=trusted)[1]["generation"] == "old"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["sentiment", "sentiment.previous"], "staging left"
+    assert stat.S_IMODE(output.stat().st_mode) == 0o755, "the swapped-in directory must be readable by the service"
+
+
+def test_train_atomic_leaves_the_model_untouched_when_training_fails(keys, trusted, tmp_path, monkeypatch, capsys):
+    output = build_dummy_model(tmp_path / "models" / "sentiment")
+    sign_artifact(output, load_private_key(keys / PRIVATE_KEY_FILE))
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    def half_written(staged: Path, **_: object) -> Path:
+        (staged / MODEL_FILE).write_bytes(b"half a model")
+        raise MemoryError("killed mid-fit")
+
+    monkeypatch.setattr(train_cli, "train_model", half_written)
+    argv = ["--atomic", "--force", "--output-dir", str(output), "--signing-key", str(keys / PRIVATE_KEY_FILE)]
+    assert train_cli.main(argv) == train_cli.EXIT_FAILED
+    assert "training failed: MemoryError" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    assert [p.name for p in output.parent.iterdir()] == ["sentiment"], "the staging directory was left behind"
+
+
+def test_a_reader_that_opened_the_model_before_a_swap_reads_the_old_artifact_whole(
+    copy, keys, trusted, tmp_path, monkeypatch
+):
+    """The files are read through one handle on the directory: a swap between two reads cannot mix them."""
+    rewrite_metadata(copy, generation="old")
+    sign_artifact(copy, load_private_key(keys / PRIVATE_KEY_FILE))
+    staged = staging_directory(copy)
+    build_dummy_model(staged)
+    sign_artifact(staged, load_private_key(keys / PRIVATE_KEY_FILE))
+    real_open = os.open
+    swapped: list[Path] = []
+
+    def open_then_swap(path, flags, *args, **kwargs):
+        handle = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith(METADATA_FILE) and not swapped:  # the first file read of the artifact
+            swapped.append(staged)
+            publish_artifact(staged, copy)
+        return handle
+
+    monkeypatch.setattr(artifact_module.os, "open", open_then_swap)
+    _, metadata = read_artifact(copy, public_keys=trusted)
+    monkeypatch.undo()
+    assert swapped, "the swap did not happen mid-read"
+    assert metadata["generation"] == "old", "the reader mixed the old and the new artifact"
+    assert "generation" not in read_artifact(copy, public_keys=trusted)[1], "the new artifact was not swapped in"
+
+
+def test_publish_refuses_an_incomplete_or_foreign_staging_directory(copy, tmp_path):
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    staged = staging_directory(copy)
+    (staged / METADATA_FILE).write_text("{}")
+    with pytest.raises(ModelLoadError, match="missing"):
+        publish_artifact(staged, copy)
+    elsewhere = build_dummy_model(tmp_path / "elsewhere" / "model")
+    with pytest.raises(ValueError, match="not in the same directory"):
+        publish_artifact(elsewhere, copy)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_sign_publish_checks_the_senders_sha256_then_swaps(copy, keys, trusted, tmp_path, capsys):
+    """What tasks/model.yml runs for a model shipped from the controller."""
+    from falcon_svc import cli
+
+    staged = staging_directory(copy)
+    source = build_dummy_model(tmp_path / "controller" / "sentiment")
+    rewrite_metadata(source, generation="shipped")
+    for name in (METADATA_FILE, MODEL_FILE):
+        shutil.copy(source / name, staged / name)
+    sums = {name: hashlib.sha256((source / name).read_bytes()).hexdigest() for name in (METADATA_FILE, MODEL_FILE)}
+    sign = ["model", "sign", str(staged), "--key", str(keys / PRIVATE_KEY_FILE), "--publish", str(copy)]
+    wrong = [f"--expect-sha256={METADATA_FILE}={'0' * 64}", f"--expect-sha256={MODEL_FILE}={sums[MODEL_FILE]}"]
+    assert cli.main([*sign, *wrong]) == 1
+    assert "changed after it was sent" in capsys.readouterr().err
+    assert "generation" not in read_artifact(copy, public_keys=trusted)[1], "a refused artifact was swapped in"
+    right = [f"--expect-sha256={name}={digest}" for name, digest in sums.items()]
+    assert cli.main([*sign, *right]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"signed {staged} with key {trusted[0].key_id}") and out[1].startswith("published "), out
+    assert read_artifact(copy, public_keys=trusted)[1]["generation"] == "shipped"
+    assert not staged.exists()
 
 
 # --- Start-up policy (falcon_svc/startup.py) -------------------------------------
