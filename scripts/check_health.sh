@@ -26,7 +26,7 @@ DEFAULT_SPOOL_DIR=/var/lib/falcon-svc/spool
 # with the roles' systemd_service tasks.
 SERVICE_UNITS=(nginx redis-server postgresql prometheus prometheus-alertmanager prometheus-node-exporter
   prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter
-  falcon-svc-retention.timer)
+  falcon-svc-retention.timer falcon-svc-backup.timer)
 # Installed only where the role may install them (grafana_install_package: false skips it).
 OPTIONAL_UNITS=(grafana-server)
 
@@ -96,6 +96,9 @@ check_units() {
   # The retention job is a oneshot the timer starts: idle between runs, but its last run must not have failed.
   if systemctl is-failed --quiet falcon-svc-retention.service; then
     result FAIL unit falcon-svc-retention.service "last run failed (journalctl -u falcon-svc-retention.service)"
+  fi
+  if systemctl is-failed --quiet falcon-svc-backup.service; then
+    result FAIL unit falcon-svc-backup.service "last backup failed (journalctl -u falcon-svc-backup.service)"
   fi
   local clusters
   clusters=$(postgresql_clusters)

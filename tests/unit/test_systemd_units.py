@@ -355,3 +355,94 @@ def test_retention_security_exposure_is_low(retention_root):
     match = re.search(r"Overall exposure level for falcon-svc-retention\.service: (\d+(?:\.\d+)?)", output)
     assert match, f"no exposure line in: {output[-2000:]}"
     assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
+
+
+# --- The nightly backup (scripts/backup_request_log.sh, the postgresql role) ---------
+BACKUP_SERVICE = SYSTEMD_DIR / "falcon-svc-backup.service"
+BACKUP_TIMER = SYSTEMD_DIR / "falcon-svc-backup.timer"
+# Stricter than the worker's: no network at all, PostgreSQL's Unix socket only.
+BACKUP_NETWORK = {
+    "PrivateNetwork": ["yes"],
+    "RestrictAddressFamilies": ["AF_UNIX"],
+    "IPAddressDeny": ["any"],
+    "IPAddressAllow": None,
+}
+# The retention timer's `daily` plus its RandomizedDelaySec=1h: 00:00 to 01:00.
+RETENTION_WINDOW_HOURS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def backup_service() -> dict[str, list[str]]:
+    return parse_unit(BACKUP_SERVICE)["Service"]
+
+
+def test_backup_runs_once_as_postgres_by_peer_auth_with_the_roles_settings(backup_service):
+    assert one(backup_service, "Type") == "oneshot"
+    role = SYSTEMD_DIR.parent / "ansible" / "roles" / "postgresql"
+    variables = yaml.safe_load((role / "vars" / "main.yml").read_text())
+    assert one(backup_service, "ExecStart") == variables["_postgresql_backup_script"]
+    assert one(backup_service, "EnvironmentFile") == variables["_postgresql_backup_env_file"]
+    backup_dir = variables["_postgresql_backup_dir"]
+    assert one(backup_service, "ReadWritePaths") == backup_dir, "the only place the run may write"
+    assert one(backup_service, "User") == one(backup_service, "Group") == "postgres", "peer auth, no password"
+    assert one(backup_service, "UMask") == "0077", "the dumps hold client data"
+    assert "LoadCredential" not in backup_service and "DynamicUser" not in backup_service
+    assert one(backup_service, "RemoveIPC") == "no", "RemoveIPC=yes as postgres removes the server's shared memory"
+
+
+def test_backup_is_hardened_like_the_worker_without_a_network(service, backup_service):
+    differ = {
+        key: (service.get(key), backup_service.get(key))
+        for key in SHARED_HARDENING
+        if key not in BACKUP_NETWORK and key != "RemoveIPC" and service.get(key) != backup_service.get(key)
+    }
+    assert not differ, f"falcon-svc-backup.service hardening differs from the worker's: {differ}"
+    network = {key: backup_service.get(key) for key in BACKUP_NETWORK}
+    assert network == BACKUP_NETWORK, f"the backup reaches PostgreSQL by its Unix socket only: {network}"
+
+
+def test_backup_timer_runs_nightly_outside_the_retention_window_and_catches_up():
+    timer = parse_unit(BACKUP_TIMER)["Timer"]
+    match = re.fullmatch(r"\*-\*-\* (\d\d):(\d\d):00", one(timer, "OnCalendar"))
+    assert match, f"OnCalendar={one(timer, 'OnCalendar')} is not once a day at a fixed time"
+    start = int(match.group(1)) + int(match.group(2)) / 60
+    end = start + seconds(one(timer, "RandomizedDelaySec")) / 3600
+    retention = parse_unit(RETENTION_TIMER)["Timer"]
+    assert one(retention, "OnCalendar") == "daily" and seconds(one(retention, "RandomizedDelaySec")) == 3600
+    first, last = RETENTION_WINDOW_HOURS
+    # An hour's margin each side: a DST change moves one local hour.
+    assert last + 1 <= start and end <= 24 + first - 1, (
+        f"the backup ({start:.2f}h to {end:.2f}h) overlaps the retention run ({first}h to {last}h): "
+        "pg_dump's ACCESS SHARE locks make retention's DROPs skip"
+    )
+    assert one(timer, "Persistent") == "true", "a run missed while the host was off happens at boot"
+    unit = parse_unit(BACKUP_SERVICE)["Unit"]
+    assert "falcon-svc-retention.service" in one(unit, "After").split(), "at boot, after retention's catch-up"
+    assert "Unit" not in timer, "the timer starts the service of its own name"
+    assert parse_unit(BACKUP_TIMER)["Install"]["WantedBy"] == ["timers.target"]
+
+
+@pytest.fixture(scope="module")
+def backup_root(systemd_root: Path) -> Path:
+    for path in (BACKUP_SERVICE, BACKUP_TIMER):
+        shutil.copy(path, systemd_root / "etc/systemd/system" / path.name)
+    stand_in = systemd_root / "usr/local/sbin/falcon-svc-backup"
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    return systemd_root
+
+
+def test_systemd_analyze_verify_is_silent_on_the_backup_units(backup_root):
+    result = analyze("verify", f"--root={backup_root}", BACKUP_SERVICE.name, BACKUP_TIMER.name)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_backup_security_exposure_is_low(backup_root):
+    result = analyze("security", "--offline=yes", f"--root={backup_root}", BACKUP_SERVICE.name)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
+        skip_or_fail(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}", required=tools_required())
+    match = re.search(r"Overall exposure level for falcon-svc-backup\.service: (\d+(?:\.\d+)?)", output)
+    assert match, f"no exposure line in: {output[-2000:]}"
+    assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
