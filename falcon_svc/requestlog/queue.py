@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from falcon_svc import metrics
-from falcon_svc.requestlog.replay import Replayer
+from falcon_svc.requestlog.replay import REPLAY_BATCH_ROWS, Replayer
 from falcon_svc.requestlog.rows import LogRow, row_record
 from falcon_svc.requestlog.spool import Spool
 from falcon_svc.requestlog.writer import Writer
@@ -84,6 +84,7 @@ class RequestLog:
         flush_interval: float = 0.2,
         log_text: bool = False,
         replay_interval: float = 5.0,
+        replay_batch_size: int = REPLAY_BATCH_ROWS,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,7 +114,7 @@ class RequestLog:
             breaker,
             writer,
             self._write,
-            batch_size=batch_size,
+            batch_size=replay_batch_size,
             interval=replay_interval,
             stopping=self._stopping,
             report=self._report,
@@ -198,6 +199,8 @@ class RequestLog:
         ``postgres`` is ``circuit_open``, ``up`` / ``down`` (last write), or
         ``unknown`` before the first write. ``rejected_bytes`` (part of
         ``spool_bytes``) are rows PostgreSQL refused, kept for an operator.
+        ``replay`` is the backlog replay still has to write (``pending_bytes``:
+        the spool less its rejected rows) and this process's replay progress.
         """
         if self._breaker.state is State.OPEN:
             postgres = "circuit_open"
@@ -205,11 +208,14 @@ class RequestLog:
             postgres = "unknown"
         else:
             postgres = "up" if self._last_ok else "down"
+        spool_bytes = self._spool.size_bytes()
+        rejected_bytes = self._spool.rejected_bytes()
         return {
             "postgres": postgres,
             "queue_depth": len(self._rows),
-            "spool_bytes": self._spool.size_bytes(),
-            "rejected_bytes": self._spool.rejected_bytes(),
+            "spool_bytes": spool_bytes,
+            "rejected_bytes": rejected_bytes,
+            "replay": {"pending_bytes": max(0, spool_bytes - rejected_bytes), **self._replayer.progress()},
         }
 
     # --- the writer thread ----------------------------------------------------

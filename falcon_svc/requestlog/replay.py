@@ -8,24 +8,43 @@ PostgreSQL refuses for a row's content is written row by row, and the refused
 rows are set aside, so one bad row never blocks its spool file. Each pass also
 lets the spool delete rejected rows past their retention (``Spool.clean_rejected``,
 which acts at most once an hour).
+
+Speed: an outage of N minutes at full load must drain in a small fraction of N,
+so replay writes large batches (``REPLAY_BATCH_ROWS``, one transaction each) of
+spooled JSON lines that PostgreSQL parses itself (docs/BENCHMARKS.md, "Spool
+replay"). A refused batch is halved until its halves are small enough to write
+row by row: one bad row in 10,000 costs about 40 writes, not 10,000.
+Progress (``progress()``) is in ``/readyz``'s detail; in metrics, the rate is
+``falcon_request_log_rows_total{outcome="replayed"}`` and each batch's time is in
+``falcon_dependency_call_duration_seconds_bucket{operation="replay_batch"}``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from falcon_svc import metrics
 from falcon_svc.requestlog.spool import Spool
-from falcon_svc.requestlog.spool_files import Record
+from falcon_svc.requestlog.spool_files import Record, SpooledBatch
 from falcon_svc.requestlog.writer import Writer
 from falcon_svc.resilience import CircuitBreaker, State, guarded_call
 
 logger = logging.getLogger(__name__)
 
 WriteWithRetries = Callable[[Sequence[Mapping[str, Any]], str], None]
+
+# Rows per replayed batch: one transaction each. Measured (scripts/bench/bench_replay.py,
+# docs/BENCHMARKS.md): 200-row batches decoded in Python replayed 15,000 to 22,000 rows/s,
+# 10,000-row batches of raw lines 37,000 to 47,000; 20,000-row ones about 49,000 (a side
+# experiment): little gain for twice the memory (5 MB of lines per 10,000 rows without
+# text; spool_files.MAX_BATCH_BYTES bounds it).
+REPLAY_BATCH_ROWS = 10_000
+# A refused batch this small or smaller is written row by row; a larger one is halved first.
+ROW_BY_ROW_MAX = 16
 
 
 class Replayer:
@@ -52,6 +71,23 @@ class Replayer:
         self._interval = interval
         self._stopping = stopping
         self._report = report
+        self._progress_lock = threading.Lock()
+        self._replayed_rows = 0
+        self._last_pass_rows = 0
+        self._last_rate = 0.0
+        self._last_replay_at: float | None = None
+        self._replaying = False
+
+    def progress(self) -> dict[str, Any]:
+        """Return what replay has done in this process: for ``/readyz``'s detail (the backlog is the spool's)."""
+        with self._progress_lock:
+            return {
+                "replaying": self._replaying,
+                "replayed_rows": self._replayed_rows,
+                "last_pass_rows": self._last_pass_rows,
+                "last_batch_rows_per_second": round(self._last_rate),
+                "last_replayed_at": self._last_replay_at,
+            }
 
     def run(self) -> None:
         """Replay until stopped: the replayer thread's body."""
@@ -78,6 +114,8 @@ class Replayer:
         state = self._breaker.state
         if state is State.OPEN or (state is State.HALF_OPEN and not self._probe()):
             return
+        with self._progress_lock:
+            self._replaying = True
         try:
             replayed = self._spool.replay(
                 self._replay_batch, batch_size=self._batch_size, should_stop=self._stopping.is_set
@@ -90,6 +128,11 @@ class Replayer:
                 exc_info=not isinstance(ex, self._writer.transient_errors),
             )
             return
+        finally:
+            with self._progress_lock:
+                self._replaying = False
+        with self._progress_lock:
+            self._last_pass_rows = replayed
         if replayed:
             logger.info("request-log: replayed %d spooled rows", replayed)
 
@@ -104,24 +147,39 @@ class Replayer:
             logger.info("request-log: PostgreSQL still unavailable (%s: %s)", type(ex).__name__, ex)
         return attempt.ok
 
-    def _replay_batch(self, records: list[Record]) -> None:
+    def _replay_batch(self, records: SpooledBatch) -> None:
         """Write one spooled batch (the pass was admitted already); raise to stop the replay, keeping the file."""
+        started = time.perf_counter()
         attempt = guarded_call(self._breaker, lambda: self._write_replayed(records), ask_breaker=False)
         self._report(attempt.ok)
         if attempt.error is not None:
             raise attempt.error
-        metrics.LOG_ROWS.labels("replayed").inc(attempt.value or 0)
+        written = attempt.value or 0
+        rate = written / max(time.perf_counter() - started, 1e-6)
+        metrics.LOG_ROWS.labels("replayed").inc(written)
+        with self._progress_lock:
+            self._replayed_rows += written
+            self._last_rate = rate
+            self._last_replay_at = time.time()
 
-    def _write_replayed(self, records: list[Record]) -> int:
-        """Write a spooled batch, row by row if PostgreSQL refuses a row's content; return the rows written."""
+    def _write_replayed(self, records: Sequence[Record]) -> int:
+        """Write a spooled batch, halved then row by row if PostgreSQL refuses a row's content; return rows written."""
         try:
             self._write(records, "replay_batch")
         except self._writer.poison_errors as ex:
+            if len(records) > ROW_BY_ROW_MAX:
+                logger.warning("request-log: PostgreSQL rejected a replayed batch (%s); retrying it in halves", ex)
+                return self._write_halves(records)
             logger.error("request-log: PostgreSQL rejected a replayed batch (%s); retrying its rows one by one", ex)
             return self._write_row_by_row(records)
         return len(records)
 
-    def _write_row_by_row(self, records: list[Record]) -> int:
+    def _write_halves(self, records: Sequence[Record]) -> int:
+        """Write each half of a refused batch (its decoded records), halving again the one that is refused."""
+        middle = len(records) // 2
+        return self._write_replayed(records[:middle]) + self._write_replayed(records[middle:])
+
+    def _write_row_by_row(self, records: Sequence[Record]) -> int:
         """Write rows singly so one bad row cannot block its spool file forever; set the bad ones aside."""
         rejected: list[Record] = []
         reason = ""

@@ -45,7 +45,7 @@ from falcon_svc.logs import LogThrottle
 from falcon_svc.requestlog.spool_files import (
     REJECTED_PREFIX,
     SPOOL_GLOB,
-    Record,
+    SpooledBatch,
     create_locked,
     encode,
     finish,
@@ -262,7 +262,7 @@ class Spool:
 
     def replay(
         self,
-        write: Callable[[list[Record]], None],
+        write: Callable[[SpooledBatch], None],
         *,
         batch_size: int,
         should_stop: Callable[[], bool] = lambda: False,
@@ -271,7 +271,8 @@ class Spool:
 
         A file is deleted only after ``write`` returned for all its rows. An
         exception from ``write`` stops the replay and propagates; the file stays
-        and is replayed again (from its start) next time.
+        and is replayed again (from its start) next time. Each batch is a
+        ``SpooledBatch``: its JSON lines as they are on disk, decoded on demand.
 
         Returns:
             The number of rows handed to ``write`` and written.

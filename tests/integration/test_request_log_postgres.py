@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import threading
 import time
@@ -20,6 +21,8 @@ from servers import PostgresServer
 
 from falcon_svc.requestlog import LogRow, PostgresWriter, RequestLog, Spool
 from falcon_svc.requestlog.migrate import apply_migrations
+from falcon_svc.requestlog.replay import REPLAY_BATCH_ROWS, Replayer
+from falcon_svc.requestlog.rows import row_record
 from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB
 from falcon_svc.resilience import CircuitBreaker, RetryPolicy
 
@@ -487,3 +490,156 @@ def test_a_row_postgres_rejects_does_not_block_the_rest_of_its_spool_file(dsn: s
     assert rows_total("dropped") == dropped_before, "a row kept for an operator is not lost"
     (rejected,) = spool_dir.glob(REJECTED_GLOB)
     assert json.loads(rejected.read_text())["request_id"] == "poison", "the bad row is kept for an operator"
+
+
+# --- replay at volume ---------------------------------------------------------------
+
+
+def spool_rows(spool: Spool, run: str, rows: int, files: int) -> None:
+    """Spool ``rows`` rows of run ``run`` in ``files`` sealed files, as workers spool through an outage."""
+    per_file = rows // files
+    for first in range(0, rows, per_file):
+        for chunk in range(first, min(first + per_file, rows), 500):
+            spool.append([row_record(make_row(i, run)) for i in range(chunk, min(chunk + 500, rows, first + per_file))])
+        spool.seal()
+
+
+def replayer_over(
+    dsn: str, spool: Spool, write_hook: Callable[[], None] = lambda: None
+) -> tuple[Replayer, PostgresWriter]:
+    """A replayer with the production batch size and writer; ``write_hook`` runs after each committed batch."""
+    writer = PostgresWriter(dsn, statement_timeout=120.0)
+    writer.open()
+
+    def write(records, operation: str) -> None:
+        writer.write(records, operation=operation)
+        write_hook()
+
+    replayer = Replayer(
+        spool,
+        CircuitBreaker("postgres"),
+        writer,
+        write,
+        batch_size=REPLAY_BATCH_ROWS,
+        interval=3600.0,
+        stopping=threading.Event(),
+        report=lambda _ok: None,
+    )
+    return replayer, writer
+
+
+def log_id_counts(dsn: str) -> tuple[int, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT log_id) FROM request_log").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+WRITER_LOGGER = "falcon_svc.requestlog.postgres"
+
+
+def decoded_fallbacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Return the writer's lines saying a spooled batch was decoded in Python (not written as raw lines)."""
+    return [r.getMessage() for r in caplog.records if r.name == WRITER_LOGGER and "as decoded rows" in r.getMessage()]
+
+
+def test_a_large_spool_replays_exactly_once_and_again_changes_nothing(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = 30_000
+    spool = Spool(tmp_path / "spool", max_bytes=10**9, refresh_interval=0)
+    spool_rows(spool, "bulk", rows, files=3)
+    shutil.copytree(spool.directory, tmp_path / "again")
+    replayed_before = rows_total("replayed")
+    batches_before = sample(
+        "falcon_dependency_call_duration_seconds_count", {"dependency": "postgres", "operation": "replay_batch"}
+    )
+    replayer, writer = replayer_over(dsn, spool)
+    try:
+        with caplog.at_level(logging.INFO, logger=WRITER_LOGGER):
+            replayer.replay_once()
+        assert decoded_fallbacks(caplog) == [], "well-formed rows should be written as raw lines"
+        assert log_id_counts(dsn) == (rows, rows), "every spooled row stored exactly once"
+        assert list(spool.directory.glob(SPOOL_GLOB)) == [], "replayed files are deleted"
+        assert rows_total("replayed") - replayed_before == rows
+        progress = replayer.progress()
+        assert progress["replayed_rows"] == rows and progress["last_pass_rows"] == rows, progress
+        assert progress["last_batch_rows_per_second"] > 0, progress
+        batches = sample(
+            "falcon_dependency_call_duration_seconds_count", {"dependency": "postgres", "operation": "replay_batch"}
+        )
+        assert batches - batches_before == 3, f"each 10,000-row batch is one timed write: {batches - batches_before}"
+
+        # The same files again (a replay repeated after its batches committed): all conflicts.
+        again, _ = replayer_over(dsn, Spool(tmp_path / "again", max_bytes=10**9))
+        again.replay_once()
+        assert log_id_counts(dsn) == (rows, rows), "a second replay of the same rows stored duplicates"
+    finally:
+        writer.close()
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute(
+            "SELECT request_id, received_at, text, confidence FROM request_log WHERE log_id = 'log-bulk-7'"
+        ).fetchone()
+    expected = make_row(7, "bulk")
+    assert stored is not None and stored[0] == "bulk-7" and stored[2] == "hello\tworld", stored
+    assert stored[3] == expected.confidence, "a value changed on its way through the raw-line replay"
+
+
+def test_a_crash_after_a_batch_commits_replays_it_again_without_duplicates(dsn: str, tmp_path: Path) -> None:
+    rows = REPLAY_BATCH_ROWS + 2_500  # two batches in one file: a boundary inside it
+    spool = Spool(tmp_path / "spool", max_bytes=10**9, refresh_interval=0)
+    spool_rows(spool, "crash", rows, files=1)
+    committed = 0
+
+    def crash_after_first_commit() -> None:
+        nonlocal committed
+        committed += 1
+        if committed == 1:
+            # The batch is committed, its file not yet done with: the worker dies here.
+            raise psycopg.OperationalError("terminating connection due to administrator command")
+
+    replayer, writer = replayer_over(dsn, spool, crash_after_first_commit)
+    try:
+        replayer.replay_once()
+        assert log_id_counts(dsn) == (REPLAY_BATCH_ROWS, REPLAY_BATCH_ROWS), "the first batch was not committed"
+        assert len(list(spool.directory.glob(SPOOL_GLOB))) == 1, "the file must stay until all of it is written"
+        replayer.replay_once()
+    finally:
+        writer.close()
+    assert log_id_counts(dsn) == (rows, rows), "the repeated batch was stored twice or a row was lost"
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+
+
+def test_lines_postgres_cannot_parse_as_they_are_are_decoded_cleaned_or_skipped(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each file is a batch of its own: PostgreSQL refuses each as raw lines for a different reason.
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    now = time.time()
+
+    def line(name: str, text: str) -> bytes:
+        return json.dumps({"log_id": f"log-{name}", "request_id": name, "received_at": now, "text": text}).encode()
+
+    files = [
+        line("plain", 'back\\slash "q"') + b"\n" + line("nul", "a\x00b") + b"\n",  # NUL: no text value may hold it
+        line("surrogate", "x\ud800y") + b"\n",  # a lone surrogate is not JSON PostgreSQL accepts
+        line("kept", "k") + b"\nnot json at all\n" + b'{"log_id": "torn',  # an unreadable line, a torn last line
+    ]
+    for number, data in enumerate(files, start=1):
+        (spool_dir / f"spool-{number:020d}-1-000001.jsonl").write_bytes(data)
+    dropped_before = rows_total("dropped")
+    replayer, writer = replayer_over(dsn, Spool(spool_dir, max_bytes=10**7))
+    try:
+        with caplog.at_level(logging.INFO, logger=WRITER_LOGGER):
+            replayer.replay_once()
+    finally:
+        writer.close()
+    assert len(decoded_fallbacks(caplog)) == 3, "each file should first be tried as raw lines, then decoded"
+    with psycopg.connect(dsn) as conn:
+        stored = dict(conn.execute("SELECT request_id, text FROM request_log").fetchall())
+    # NOTE: the same cleaning as rows written from the queue (postgres._clean).
+    expected = {"plain": 'back\\slash "q"', "nul": "a\ufffdb", "surrogate": "x?y", "kept": "k"}
+    assert stored == expected, stored
+    assert rows_total("dropped") - dropped_before == 2, "the unreadable line and the torn last line are dropped"
+    assert list(spool_dir.glob(SPOOL_GLOB)) == [] and list(spool_dir.glob(REJECTED_GLOB)) == []

@@ -179,3 +179,36 @@ def test_a_spool_holding_only_rejected_rows_does_not_spend_the_half_open_trial(l
     spool.wait_for_a_whole_pass()
     assert writer.probes == 0 and spool.replays == 0, "rejected rows are never replayed: nothing waits"
     assert breaker.state is State.HALF_OPEN
+
+
+def test_a_refused_row_in_a_large_batch_is_found_by_halving_not_row_by_row(logs, writer, tmp_path):
+    spool = SignallingSpool(tmp_path / "large")
+    spool.append([row_record(make_row(i)) for i in range(40)])
+    writer.refused_ids = {"log-17"}
+    rejected_before = rows_total("rejected")
+    replaying(logs, writer, spool, CircuitBreaker("postgres"))
+    writer.wait_until(lambda w: len(w.stored_ids()) == 39, "every row but the refused one is replayed")
+    spool.wait_for_a_whole_pass()
+    operations = [call.operation for call in writer.calls]
+    # 40 -> 20 + 20 -> 10 + 10, and only the refused 10 row by row (ROW_BY_ROW_MAX is 16).
+    assert operations.count("replay_row") == 10, f"halving should leave 10 rows to try singly: {operations}"
+    assert len(operations) == 15, operations
+    assert sorted(writer.stored_ids(), key=lambda i: int(i[4:])) == [f"log-{i}" for i in range(40) if i != 17]
+    assert rows_total("rejected") - rejected_before == 1
+    assert records_on_disk(spool.directory) == []
+
+
+def test_the_readiness_detail_shows_the_backlog_then_the_replay_progress(logs, writer, spool):
+    log = make_log(writer, spool, CircuitBreaker("postgres"), replay_interval=0.01)
+    logs.append(log)
+    before = log.status()["replay"]
+    assert before["pending_bytes"] == spool.size_bytes(refresh=True) > 0, f"the backlog is not shown: {before}"
+    assert before["replayed_rows"] == 0 and before["last_replayed_at"] is None, before
+    log.start()
+    writer.wait_until(lambda w: w.stored, "the spooled rows are replayed")
+    spool.wait_for_a_whole_pass()
+    after = log.status()["replay"]
+    assert after["pending_bytes"] == 0, after
+    assert after["replayed_rows"] == 3 and after["last_pass_rows"] == 3, after
+    assert after["last_batch_rows_per_second"] > 0 and after["last_replayed_at"] is not None, after
+    assert after["replaying"] is False, after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from falcon_svc.requestlog import spool_files
 from falcon_svc.requestlog.spool import Spool
-from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB
+from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB, SpooledBatch, encode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -339,3 +341,103 @@ def test_rejected_files_past_half_the_bound_are_deleted_oldest_first(tmp_path: P
         "rejected rows may take half the bound (3 lines); the oldest go first"
     )
     assert spool.size_bytes(refresh=True) == 3 * line_bytes
+
+
+# --- replay batches -------------------------------------------------------------------
+
+
+class RawWriter:
+    """A writer that stores the lines as they are, as PostgresWriter does, keyed like ON CONFLICT DO NOTHING.
+
+    It can crash right after a batch "commits" (``crash_after``), before replay is done with the file.
+    """
+
+    def __init__(self, crash_after: int | None = None) -> None:
+        self.stored: dict[str, int] = {}  # request_id -> times written
+        self.batches: list[SpooledBatch] = []
+        self._crash_after = crash_after
+
+    def __call__(self, batch: SpooledBatch) -> None:
+        for line in batch.lines:
+            request_id = json.loads(line)["request_id"]
+            self.stored[request_id] = self.stored.get(request_id, 0) + 1
+        self.batches.append(batch)
+        if self._crash_after is not None and len(self.batches) == self._crash_after:
+            self._crash_after = None
+            raise ConnectionError("the worker died after the commit")
+
+    def distinct(self) -> list[str]:
+        return sorted(self.stored, key=lambda request_id: int(request_id[1:]))
+
+
+def test_a_batch_boundary_inside_a_file_gives_its_rest_a_batch_and_no_batch_spans_two_files(spool: Spool) -> None:
+    spool.append(records(0, 5))
+    spool.seal()
+    spool.append(records(5, 8))
+    writer = RawWriter()
+    assert spool.replay(writer, batch_size=2) == 8
+    shapes = [
+        (batch.path.name == writer.batches[0].path.name, batch.first_line, len(batch)) for batch in writer.batches
+    ]
+    assert shapes == [(True, 1, 2), (True, 3, 2), (True, 5, 1), (False, 1, 2), (False, 3, 1)], shapes
+    assert writer.distinct() == [f"r{i}" for i in range(8)]
+    assert not any(batch.decoded for batch in writer.batches), "a writer of raw lines must not pay for decoding"
+
+
+def test_a_torn_last_line_right_after_a_batch_boundary_writes_no_empty_batch(spool: Spool) -> None:
+    spool.directory.mkdir(parents=True)
+    crashed = spool.directory / "spool-00000000000000000001-999999-000001.jsonl"
+    crashed.write_bytes(b"".join(encode(record) for record in records(0, 4)) + b'{"request_id":"r4","n')
+    dropped_before = rows_total("dropped")
+    writer = RawWriter()
+    assert spool.replay(writer, batch_size=2) == 4
+    assert [len(batch) for batch in writer.batches] == [2, 2], "the torn line made a batch of its own"
+    assert all(line.endswith(b"\n") for batch in writer.batches for line in batch.lines)
+    assert rows_total("dropped") - dropped_before == 1
+    assert not crashed.exists()
+
+
+def test_a_crash_between_a_batch_commit_and_the_file_s_end_replays_it_again_and_stores_each_row_once(
+    spool: Spool,
+) -> None:
+    spool.append(records(0, 5))
+    crashing = RawWriter(crash_after=2)
+    with pytest.raises(ConnectionError):
+        spool.replay(crashing, batch_size=2)
+    assert len(list(spool.directory.glob(SPOOL_GLOB))) == 1, "the file must stay: its last row is not written"
+
+    assert spool.replay(crashing, batch_size=2) == 5
+    assert crashing.distinct() == [f"r{i}" for i in range(5)], "a row was lost"
+    assert crashing.stored == {"r0": 2, "r1": 2, "r2": 2, "r3": 2, "r4": 1}, "the committed batches are sent again"
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+    # A second replay of nothing stores nothing more: every row once, as ON CONFLICT DO NOTHING keeps them.
+    assert spool.replay(crashing, batch_size=2) == 0
+
+
+def test_a_batch_is_decoded_only_when_its_records_are_asked_for_and_skips_unreadable_lines(tmp_path: Path) -> None:
+    lines = [encode({"request_id": "a"}), b"not json\n", b"[1, 2]\n", encode({"request_id": "b"})]
+    batch = SpooledBatch(tmp_path / "spool-x.jsonl", 7, lines)
+    assert not batch.decoded and len(batch) == 4, "before decoding, len counts lines"
+    assert [record["request_id"] for record in batch] == ["a", "b"]
+    assert batch.decoded and len(batch) == 2 and batch.unreadable == 2
+    assert batch[1:] == [{"request_id": "b"}], "a slice is a list of records (replay halves refused batches)"
+
+
+def test_unreadable_lines_found_when_a_batch_is_decoded_are_dropped_and_counted(spool: Spool) -> None:
+    spool.directory.mkdir(parents=True)
+    path = spool.directory / "spool-00000000000000000001-999999-000001.jsonl"
+    path.write_bytes(encode({"request_id": "a"}) + b"garbage\n" + encode({"request_id": "b"}))
+    dropped_before = rows_total("dropped")
+    writer = Collector()  # decodes every batch, as PostgresWriter does when PostgreSQL refuses the raw lines
+    assert spool.replay(writer, batch_size=10) == 2
+    assert writer.ids == ["a", "b"]
+    assert rows_total("dropped") - dropped_before == 1
+
+
+def test_a_batch_of_large_rows_ends_at_its_byte_bound(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    line_bytes = len(encode({"request_id": "r0", "n": 0}))
+    monkeypatch.setattr(spool_files, "MAX_BATCH_BYTES", 3 * line_bytes)
+    spool.append(records(0, 7))
+    writer = RawWriter()
+    assert spool.replay(writer, batch_size=100) == 7
+    assert [len(batch) for batch in writer.batches] == [3, 3, 1], "a batch went past its byte bound"
