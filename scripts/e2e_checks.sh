@@ -362,9 +362,10 @@ check_backup_restore() {
   check "falcon-svc-backup.timer is enabled and has a next run" ssh_cmd \
     "systemctl is-enabled --quiet falcon-svc-backup.timer && systemctl list-timers --no-legend falcon-svc-backup.timer | grep -q falcon-svc-backup.service"
   before=$(ssh_cmd "$q 'SELECT count(*) FROM request_log'")
-  started=$(date +%s)
+  started=$(ssh_cmd date +%s)
   ssh_cmd systemctl start falcon-svc-backup.service || rc=$?
-  out=$(ssh_cmd journalctl -u falcon-svc-backup.service -o cat -n 1 --no-pager)
+  # The script's own line (systemd's "Finished ..." comes after it).
+  out=$(ssh_cmd "journalctl -u falcon-svc-backup.service -o cat --no-pager --since @$started | grep ' wrote ' | tail -n 1")
   say "    $out ($(($(date +%s) - started)) s)"
   check "systemctl start falcon-svc-backup.service wrote a dump of every row ($before)" \
     grep -q "wrote /var/backups/falcon-svc/falcon-.*, $before request_log rows" <<<"$out"
