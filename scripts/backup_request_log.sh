@@ -117,7 +117,7 @@ backup() {
   bytes=$(stat -c %s -- "$final")
   seconds=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
   say "wrote $final ($bytes bytes, $total request_log rows in $(grep -c '^request_log' <<<"$rows") partitions," \
-    "${seconds} s); kept $BACKUP_KEEP, deleted $(grep -c . <<<"$deleted"): $(tr '\n' ' ' <<<"${deleted:-none}")"
+    "${seconds} s); keeping the newest $BACKUP_KEEP, deleted $(grep -c . <<<"$deleted"): $(tr '\n' ' ' <<<"${deleted:-none}")"
 }
 
 # restore FILE: create request_log, its partitions, indexes, grants and rows from the

@@ -131,7 +131,7 @@ def test_a_backup_is_a_whole_dump_of_every_partition_under_a_utc_name(pg_bin: st
     line = result.stdout.strip()
     assert re.fullmatch(
         rf"falcon-svc-backup: wrote {re.escape(str(dump))} \({dump.stat().st_size} bytes, {total} request_log rows "
-        rf"in \d+ partitions, \d+\.\d s\); kept 7, deleted 0: none ?",
+        rf"in \d+ partitions, \d+\.\d s\); keeping the newest 7, deleted 0: none ?",
         line,
     ), f"not the one log line a run promises: {line!r}"
 
