@@ -335,6 +335,17 @@ def test_retention_timer_runs_daily_catches_up_and_spreads_hosts():
     assert timer["Install"]["WantedBy"] == ["timers.target"]
 
 
+def offline_exposure(root: Path, unit: str) -> tuple[float, str]:
+    """Return ``systemd-analyze security --offline`` 's overall exposure of ``unit`` under ``root``, and its output."""
+    result = analyze("security", "--offline=yes", f"--root={root}", unit)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
+        skip_or_fail(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}", required=tools_required())
+    match = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+(?:\.\d+)?)", output)
+    assert match, f"no exposure line in: {output[-2000:]}"
+    return float(match.group(1)), output
+
+
 @pytest.fixture(scope="module")
 def retention_root(systemd_root: Path) -> Path:
     for path in (RETENTION_SERVICE, RETENTION_TIMER):
@@ -348,13 +359,8 @@ def test_systemd_analyze_verify_is_silent_on_the_retention_units(retention_root)
 
 
 def test_retention_security_exposure_is_low(retention_root):
-    result = analyze("security", "--offline=yes", f"--root={retention_root}", RETENTION_SERVICE.name)
-    output = result.stdout + result.stderr
-    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
-        skip_or_fail(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}", required=tools_required())
-    match = re.search(r"Overall exposure level for falcon-svc-retention\.service: (\d+(?:\.\d+)?)", output)
-    assert match, f"no exposure line in: {output[-2000:]}"
-    assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
+    exposure, output = offline_exposure(retention_root, RETENTION_SERVICE.name)
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{output}"
 
 
 # --- The nightly backup (scripts/backup_request_log.sh, the postgresql role) ---------
@@ -439,10 +445,5 @@ def test_systemd_analyze_verify_is_silent_on_the_backup_units(backup_root):
 
 
 def test_backup_security_exposure_is_low(backup_root):
-    result = analyze("security", "--offline=yes", f"--root={backup_root}", BACKUP_SERVICE.name)
-    output = result.stdout + result.stderr
-    if result.returncode != 0 and "offline" in output.lower() and "unrecognized" in output.lower():
-        skip_or_fail(f"this systemd-analyze has no --offline mode: {output.strip()[:200]}", required=tools_required())
-    match = re.search(r"Overall exposure level for falcon-svc-backup\.service: (\d+(?:\.\d+)?)", output)
-    assert match, f"no exposure line in: {output[-2000:]}"
-    assert float(match.group(1)) <= MAX_EXPOSURE, f"exposure {match.group(1)} > {MAX_EXPOSURE}:\n{output}"
+    exposure, output = offline_exposure(backup_root, BACKUP_SERVICE.name)
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{output}"
