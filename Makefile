@@ -114,11 +114,12 @@ lint: $(STAMP)  ## ruff (lint and format), mypy (types; setup.cfg [mypy])
 audit: $(STAMP)  ## pip-audit the locked runtime set: a known vulnerability fails; no database only warns
 	PIP_AUDIT=$(VENV)/bin/pip-audit PYTHON=$(PY) bash scripts/audit.sh
 
-bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path; spool replay rows/s
+bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path; spool replay rows/s; write-ahead append cost
 	$(PY) scripts/bench/bench_model.py --model-dir $(MODEL_DIR)
 	bash scripts/bench/bench_http.sh
 	$(PY) scripts/bench/bench_full.py
 	$(PY) scripts/bench/bench_replay.py
+	$(PY) scripts/bench/bench_wal.py
 
 check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
 	bash scripts/check_health.sh

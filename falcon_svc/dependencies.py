@@ -23,7 +23,7 @@ from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
 from falcon_svc.redact import redact
-from falcon_svc.requestlog import PostgresWriter, RequestLog, Spool
+from falcon_svc.requestlog import PostgresWriter, RequestLog, Spool, WriteAheadLog
 from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State, guarded_call
 from falcon_svc.settings import Settings
 
@@ -162,7 +162,7 @@ def build_redis_dependencies(settings: Settings, model_version: str, deps: Depen
 
 
 def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
-    """Attach the PostgreSQL request log (queue, writer thread, spool) to ``deps`` and return it.
+    """Attach the PostgreSQL request log (write-ahead log, queue, writer thread, spool) to ``deps`` and return it.
 
     The writer is started by the caller, after gunicorn's fork.
     """
@@ -176,13 +176,15 @@ def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
             redact(str(ex).splitlines()[0]),
             settings.log_spool_dir,
         )
+    spool = Spool(
+        settings.log_spool_dir,
+        settings.log_spool_max_bytes,
+        rejected_retention=settings.log_rejected_retention_days * 86_400.0,
+    )
+    flush_interval = settings.log_flush_interval_ms / 1000.0
     request_log = RequestLog(
         PostgresWriter(settings.database_url),
-        Spool(
-            settings.log_spool_dir,
-            settings.log_spool_max_bytes,
-            rejected_retention=settings.log_rejected_retention_days * 86_400.0,
-        ),
+        spool,
         breaker,
         RetryPolicy(
             max_attempts=settings.retry_max_attempts,
@@ -191,8 +193,9 @@ def build_request_log(settings: Settings, deps: Dependencies) -> RequestLog:
         ),
         buffer_max=settings.log_buffer_max,
         batch_size=settings.log_batch_size,
-        flush_interval=settings.log_flush_interval_ms / 1000.0,
+        flush_interval=flush_interval,
         log_text=settings.log_request_text,
+        wal=WriteAheadLog(spool, fsync=settings.log_fsync, sync_interval=flush_interval),
     )
     deps.request_log = request_log
     return request_log

@@ -32,6 +32,8 @@ WORKER_CLASSES = {
     "meinheld": "falcon_svc.workers.MeinheldWorker",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# What a power cut can lose of the request log's write-ahead file (falcon_svc/requestlog/wal.py).
+LOG_FSYNC_MODES = ("off", "interval", "always")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -163,6 +165,7 @@ class Settings:
     log_spool_dir: Path = Path("var/spool")
     log_spool_max_bytes: int = _setting(256 * 2**20, minimum=0, maximum=2**40)
     log_rejected_retention_days: int = _setting(7, minimum=1, maximum=366)
+    log_fsync: str = _setting("off", choices=LOG_FSYNC_MODES)
     log_request_text: bool = False
     # Request-log retention and privacy (falcon_svc/requestlog/retention.py, rows.text_hmac)
     request_log_retention_days: int = _setting(30, minimum=1, maximum=3660)

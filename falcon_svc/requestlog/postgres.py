@@ -170,10 +170,14 @@ class PostgresWriter:
         with self._opened_pool().connection(timeout=self.pool_timeout) as conn:
             conn.execute("SELECT 1")
 
-    def close(self) -> None:
-        """Close the pool, waiting at most a second for connections in use."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Close the pool, waiting at most ``timeout`` seconds for its threads (one may be reconnecting).
+
+        NOTE: a connection still in use (a write stuck in PostgreSQL) is not waited
+        for: it closes when it is returned, or with the process.
+        """
         if self._pool is not None:
-            self._pool.close(timeout=1.0)
+            self._pool.close(timeout=timeout)
 
     def _opened_pool(self) -> ConnectionPool:
         if self._pool is None:

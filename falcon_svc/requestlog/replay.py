@@ -61,8 +61,13 @@ class Replayer:
         interval: float,
         stopping: threading.Event,
         report: Callable[[bool], None],
+        live_bytes: Callable[[], int] | None = None,
     ) -> None:
-        """``write(records, operation)`` is the queue's retrying write; ``report(ok)`` gets each outcome."""
+        """``write(records, operation)`` is the queue's retrying write; ``report(ok)`` gets each outcome.
+
+        ``live_bytes()`` is the size of this process's open write-ahead segments: in
+        the directory, but nothing to replay.
+        """
         self._spool = spool
         self._breaker = breaker
         self._writer = writer
@@ -71,6 +76,8 @@ class Replayer:
         self._interval = interval
         self._stopping = stopping
         self._report = report
+        self._live_bytes = live_bytes or (lambda: 0)
+        self._wake = threading.Event()
         self._progress_lock = threading.Lock()
         self._replayed_rows = 0
         self._last_pass_rows = 0
@@ -89,31 +96,42 @@ class Replayer:
                 "last_replayed_at": self._last_replay_at,
             }
 
+    def wake(self) -> None:
+        """Start the next pass now rather than at the end of the interval (new files to replay, or a stop)."""
+        self._wake.set()
+
     def run(self) -> None:
         """Replay until stopped: the replayer thread's body."""
         # NOTE: the first pass runs at once, so a restarted worker replays what
-        # its predecessor spooled without waiting a whole interval.
+        # its predecessor spooled without waiting a whole interval; wake() (a dead
+        # worker's write-ahead segment, one handed over) starts one at once too.
         while not self._stopping.is_set():
             try:
-                self.replay_once()
+                replayed = self.replay_once()
             except Exception:
                 logger.exception("request-log replayer failed")
-            self._stopping.wait(self._interval)
+                replayed = 0
+            # NOTE: a pass that wrote rows goes again at once: more segments are handed
+            # over while it runs (an outage's backlog arrives over the next seconds).
+            if not replayed:
+                self._wake.wait(self._interval)
+            self._wake.clear()
 
-    def replay_once(self) -> None:
-        """Replay the spool if PostgreSQL is healthy, or as the half-open breaker's trial call.
+    def replay_once(self) -> int:
+        """Replay the spool if PostgreSQL is healthy, or as the half-open breaker's trial call; return rows written.
 
         NOTE: without the trial, a breaker that opened during an outage would stay
         half-open until new traffic arrived, and the spool would wait for it.
         """
         # NOTE: first, whatever PostgreSQL's state: rejected rows age out even during an outage.
         self._spool.clean_rejected()
-        # NOTE: rejected rows are never replayed, so a spool holding only them waits for nothing.
-        if self._spool.size_bytes(refresh=True) - self._spool.rejected_bytes() <= 0:
-            return
+        # NOTE: rejected rows are never replayed, so a spool holding only them waits for
+        # nothing; nor does one holding only this process's open write-ahead segments.
+        if self._spool.size_bytes(refresh=True) - self._spool.rejected_bytes() - self._live_bytes() <= 0:
+            return 0
         state = self._breaker.state
         if state is State.OPEN or (state is State.HALF_OPEN and not self._probe()):
-            return
+            return 0
         with self._progress_lock:
             self._replaying = True
         try:
@@ -127,7 +145,7 @@ class Replayer:
                 ex,
                 exc_info=not isinstance(ex, self._writer.transient_errors),
             )
-            return
+            return 0
         finally:
             with self._progress_lock:
                 self._replaying = False
@@ -135,6 +153,7 @@ class Replayer:
             self._last_pass_rows = replayed
         if replayed:
             logger.info("request-log: replayed %d spooled rows", replayed)
+        return replayed
 
     def _probe(self) -> bool:
         """Spend the half-open breaker's trial on a round trip; return whether it closed the breaker."""

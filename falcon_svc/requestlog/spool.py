@@ -44,7 +44,7 @@ from falcon_svc import metrics
 from falcon_svc.logs import LogThrottle
 from falcon_svc.requestlog.spool_files import (
     REJECTED_PREFIX,
-    SPOOL_GLOB,
+    WAL_PREFIX,
     SpooledBatch,
     create_locked,
     encode,
@@ -52,6 +52,7 @@ from falcon_svc.requestlog.spool_files import (
     remove_abandoned_new_files,
     remove_rejected,
     replay_file,
+    replayable_files,
     write_rejected,
 )
 
@@ -64,6 +65,18 @@ DAY = 86_400.0
 REJECTED_SHARE_DIVISOR = 2
 # A cleaning pass names at most this many of the files it deleted in its log line.
 _NAMES_SHOWN = 10
+
+
+def log_throttled(log: logging.Logger, lines: LogThrottle, message: str, *args: object) -> None:
+    """Log an error if ``lines`` lets one through now, saying how many such failures it held back since the last."""
+    failures = lines.admit()
+    if failures is not None:
+        log.error(
+            f"{message} (%d more failures since the last such line)",
+            *args,
+            failures - 1,
+            extra={"suppressed_errors": failures - 1},
+        )
 
 
 class Spool:
@@ -104,6 +117,7 @@ class Spool:
         # refresh_interval; our own appends are counted at once.
         self._scanned_bytes = 0
         self._rejected_bytes = 0
+        self._segment_bytes: dict[str, int] = {}
         self._appended_since_scan = 0
         self._scanned_at: float | None = None
         self._cleaned_at: float | None = None
@@ -140,6 +154,20 @@ class Spool:
             self._count_dropped(len(lines) - stored, "spool full" if len(fitting) < len(lines) else "write error")
         metrics.LOG_SPOOL_BYTES.set(spool_bytes)
         return stored
+
+    def reserve(self, size: int) -> bool:
+        """Count ``size`` bytes another writer (the write-ahead log) is about to add; False if they do not fit.
+
+        NOTE: on the request path: the directory is scanned again only when the
+        bytes seem not to fit and the last scan is stale, not on every call.
+        """
+        with self._lock:
+            if self._scanned_bytes + self._appended_since_scan + size > self.max_bytes:
+                self._refresh_size_locked(force=False)
+                if self._scanned_bytes + self._appended_since_scan + size > self.max_bytes:
+                    return False
+            self._appended_since_scan += size
+            return True
 
     def _take_fitting(self, lines: list[bytes]) -> list[bytes]:
         """Return the lines that fit under the directory bound (caller holds the lock)."""
@@ -235,11 +263,17 @@ class Spool:
         with self._lock:
             return self._rejected_bytes
 
+    def segment_bytes(self) -> dict[str, int]:
+        """Return the size of each write-ahead segment (part of ``size_bytes``) by file name, as of the last scan."""
+        with self._lock:
+            return dict(self._segment_bytes)
+
     def _refresh_size_locked(self, *, force: bool) -> None:
         now = self._clock()
         if not force and self._scanned_at is not None and now - self._scanned_at < self._refresh_interval:
             return
         total = rejected = 0
+        segments = {}
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
@@ -249,6 +283,8 @@ class Spool:
                             total += size
                             if entry.name.startswith(REJECTED_PREFIX):
                                 rejected += size
+                            elif entry.name.startswith(WAL_PREFIX):
+                                segments[entry.name] = size
         except FileNotFoundError:
             pass  # NOTE: nothing spooled yet; the directory is made on first append
         except OSError as ex:
@@ -257,6 +293,7 @@ class Spool:
             return
         self._scanned_bytes, self._appended_since_scan, self._scanned_at = total, 0, now
         self._rejected_bytes = rejected
+        self._segment_bytes = segments
 
     # --- replay -----------------------------------------------------------------
 
@@ -267,7 +304,7 @@ class Spool:
         batch_size: int,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Seal our file, then feed every unlocked spool file to ``write`` in batches, oldest first.
+        """Seal our file, then feed every unlocked spool file and write-ahead segment to ``write`` in batches.
 
         A file is deleted only after ``write`` returned for all its rows. An
         exception from ``write`` stops the replay and propagates; the file stays
@@ -280,7 +317,7 @@ class Spool:
         self.seal()
         replayed = 0
         try:
-            for path in sorted(self.directory.glob(SPOOL_GLOB)):
+            for path in replayable_files(self.directory):
                 if should_stop():
                     break
                 replayed += replay_file(
@@ -351,14 +388,7 @@ class Spool:
 
     def _log_error(self, message: str, *args: object) -> None:
         """Log a failed write at most once per ``error_log_interval``; each failure is counted by its dropped rows."""
-        failures = self._error_lines.admit()
-        if failures is not None:
-            logger.error(
-                f"{message} (%d more failures since the last such line)",
-                *args,
-                failures - 1,
-                extra={"suppressed_errors": failures - 1},
-            )
+        log_throttled(logger, self._error_lines, message, *args)
 
     def _count_dropped(self, count: int, reason: str) -> None:
         metrics.LOG_ROWS.labels("dropped").inc(count)

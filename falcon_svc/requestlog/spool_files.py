@@ -6,6 +6,11 @@ a lock on is finished: sealed by its owner, or left by a worker that died or was
 restarted. Replay locks a finished file too, so two processes never replay the
 same file at once, and deletes it only once all its rows are written. A crash
 mid-write leaves a truncated last line, which replay skips and logs.
+
+The write-ahead log (``wal``) keeps its segments here too, as
+``wal-<time_ns>-<pid>-<seq>.jsonl``: the same lines, the same locks. Its owner
+deletes a segment whose rows are all written; one it hands over, or one left
+unlocked by a process that died, is replayed like any finished spool file.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from typing import Any, overload
 
 logger = logging.getLogger(__name__)
 
-SPOOL_GLOB = "spool-*.jsonl"
+SPOOL_PREFIX = "spool-"
+SPOOL_GLOB = f"{SPOOL_PREFIX}*.jsonl"
+WAL_PREFIX = "wal-"
+WAL_GLOB = f"{WAL_PREFIX}*.jsonl"
 # NOTE: rows PostgreSQL rejects for their content are set aside here for an
 # operator, never replayed (they would fail again), but still count towards the
 # bound; ``remove_rejected`` deletes them after their retention.
@@ -44,10 +52,10 @@ def encode(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
 
 
-def create_locked(directory: Path, pid: int, seq: int) -> tuple[int, Path]:
-    """Create a new spool file, locked by this process; return its append-only descriptor and path."""
+def create_locked(directory: Path, pid: int, seq: int, prefix: str = SPOOL_PREFIX) -> tuple[int, Path]:
+    """Create a new spool file (or write-ahead segment: ``prefix``), locked by this process; return its fd and path."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"spool-{time.time_ns():020d}-{pid}-{seq:06d}.jsonl"
+    name = f"{prefix}{time.time_ns():020d}-{pid}-{seq:06d}.jsonl"
     new_path = directory / f"{_NEW_PREFIX}{name}"
     fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
@@ -187,9 +195,31 @@ def _write_batch(
     return replayed + len(batch), bad_lines + batch.unreadable
 
 
+def replayable_files(directory: Path) -> list[Path]:
+    """Return the spool files and write-ahead segments in ``directory``, oldest first (locked ones too)."""
+    paths = [*directory.glob(SPOOL_GLOB), *directory.glob(WAL_GLOB)]
+    # NOTE: both names go on with <time_ns>-<pid>-<seq>: order by that, not by the prefix.
+    return sorted(paths, key=lambda path: path.name.partition("-")[2])
+
+
+def unlocked(paths: list[Path]) -> list[Path]:
+    """Return those of ``paths`` no process holds a lock on (a dead worker's, or handed over for replay).
+
+    NOTE: the probe takes a shared lock for an instant; a replayer trying that very
+    file then skips it until its next pass, which the caller triggers anyway.
+    """
+    found = []
+    for path in paths:
+        fd = _lock_existing(path, fcntl.LOCK_SH)
+        if fd is not None:
+            os.close(fd)
+            found.append(path)
+    return found
+
+
 def remove_abandoned_new_files(directory: Path) -> None:
     """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
-    for path in directory.glob(f"{_NEW_PREFIX}{SPOOL_GLOB}"):
+    for path in directory.glob(f"{_NEW_PREFIX}*.jsonl"):
         fd = _lock_existing(path)
         if fd is not None:
             path.unlink(missing_ok=True)
@@ -243,14 +273,14 @@ def remove_rejected(directory: Path, *, modified_before: float, keep_bytes: int)
     return removed
 
 
-def _lock_existing(path: Path) -> int | None:
-    """Open and exclusively lock ``path`` without waiting; None if it is held or gone."""
+def _lock_existing(path: Path, mode: int = fcntl.LOCK_EX) -> int | None:
+    """Open and lock ``path`` (exclusively unless told) without waiting; None if it is held or gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
         # NOTE: another replayer may have deleted the file between our open and
         # our lock; then we hold a lock on an orphan inode and must not replay it.
         if os.stat(path).st_ino != os.fstat(fd).st_ino:

@@ -33,5 +33,5 @@ class Writer(Protocol):
     def probe(self) -> None:
         """Make one cheap round trip to the database; raise if it does not answer."""
 
-    def close(self) -> None:
-        """Release the connections (also safe when never opened)."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Release the connections (also safe when never opened), waiting at most ``timeout`` seconds."""

@@ -19,8 +19,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from falcon_svc.requestlog import LogRow, RequestLog, Spool
-from falcon_svc.requestlog.spool_files import SPOOL_GLOB
+from falcon_svc.requestlog import LogRow, RequestLog, Spool, WriteAheadLog
+from falcon_svc.requestlog.spool_files import SPOOL_GLOB, WAL_GLOB, replayable_files, unlocked
 from falcon_svc.resilience import CircuitBreaker, RetryPolicy
 
 # Long enough that a thread waiting it out fails the test's wait, which only a bug makes it do.
@@ -95,8 +95,9 @@ class FakeWriter:
         if error is not None:
             raise error
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
         self.closed = True
+        self.close_timeout = timeout
 
     # --- for the tests ----------------------------------------------------------
 
@@ -166,10 +167,12 @@ class SignallingSpool(Spool):
     def start_after_the_first_replay_pass(self, log: RequestLog) -> None:
         """Start ``log`` and return once its replayer has looked at this (empty) spool.
 
-        With an empty spool the replayer's pass is one ``size_bytes(refresh=True)``;
-        then it sleeps for its interval, so it cannot race a test's own spooling.
+        With nothing to replay (an empty spool, or only the log's own write-ahead
+        segments) the replayer's pass is one ``size_bytes(refresh=True)``; then it
+        sleeps for its interval, so it cannot race a test's own spooling.
         """
-        assert self.size_bytes(refresh=True) == 0, "the replayer would replay this spool at start"
+        assert unlocked(replayable_files(self.directory)) == [], "the replayer would replay this spool at start"
+        self.size_bytes(refresh=True)
         with self._changed:
             target = self._refreshes + 1
         log.start()
@@ -219,12 +222,18 @@ def make_row(i: int, text: str | None = None) -> LogRow:
 
 
 def make_log(writer: FakeWriter, spool: Spool, breaker: CircuitBreaker | None = None, **overrides: Any) -> RequestLog:
-    """A request log over the fake writer: no backoff sleeps, no flush or replay timer unless asked."""
+    """A request log over the fake writer: no backoff sleeps, no flush or replay timer unless asked.
+
+    NOTE: no write-ahead log unless ``wal=`` is given (the path of a row the log could
+    not take), and close() flushes for as long as its timeout (production: 0.05 s at most),
+    so that a slow moment of this machine cannot turn a flush into a spooling.
+    """
     params: dict[str, Any] = {
         "buffer_max": 100,
         "batch_size": 3,
         "flush_interval": FOREVER,
         "replay_interval": FOREVER,
+        "close_flush_seconds": FOREVER,
         "sleep": lambda _delay: None,
     }
     params.update(overrides)
@@ -248,3 +257,33 @@ def sample(name: str, **labels: str) -> float:
 
 def rows_total(outcome: str) -> float:
     return sample("falcon_request_log_rows_total", outcome=outcome)
+
+
+# --- the write-ahead log ---------------------------------------------------------
+
+
+def make_wal(spool: Spool, **overrides: Any) -> WriteAheadLog:
+    """A write-ahead log that rotates and scans only when the test says so (its clock stands still)."""
+    params: dict[str, Any] = {"max_age": 60.0, "sync_interval": FOREVER, "clock": FakeClock()}
+    params.update(overrides)
+    return WriteAheadLog(spool, **params)
+
+
+def segments(directory: Path) -> list[Path]:
+    """Return the write-ahead segments in ``directory``, oldest first."""
+    return sorted(directory.glob(WAL_GLOB))
+
+
+def segment_ids(directory: Path) -> list[str]:
+    """Return the log_id of every whole line of every segment, oldest first."""
+    return [
+        json.loads(line)["log_id"]
+        for path in segments(directory)
+        for line in path.read_bytes().splitlines(keepends=True)
+        if line.endswith(b"\n")
+    ]
+
+
+def offered_ids(writer: FakeWriter) -> list[str]:
+    """Return every log_id the writer was asked to store, successful or not, in order."""
+    return [log_id for call in writer.calls for log_id in call.log_ids]

@@ -365,7 +365,8 @@ def test_close_returns_while_the_writer_is_stuck_and_spools_its_batch_then_the_q
     assert len(writer.calls) == 1, "no retry past the close deadline"
 
 
-def test_a_write_during_close_waits_for_a_connection_at_most_the_time_left(writer, spool):
+def test_a_write_during_close_is_not_retried(writer, spool):
+    """close() must be quick: a write that fails once it has begun is set aside, never retried after a backoff."""
     clock = FakeClock()
     log = make_log(writer, spool, clock=clock)
     for i in range(3):
@@ -377,14 +378,32 @@ def test_a_write_during_close_waits_for_a_connection_at_most_the_time_left(write
         closer = threading.Thread(target=log.close, args=(30.0,))
         closer.start()
         clock.wait_for_reads(2)  # close() has its deadline and waits for the writer
-        clock.now += 20
         release.set()
     closer.join(WAIT)
-    assert not closer.is_alive(), "close() should return once the batch is written"
-    first, retried = writer.calls
+    assert not closer.is_alive(), "close() should return once the batch is set aside"
+    assert len(writer.calls) == 1, f"a write failing during close() was retried: {writer.calls}"
+    assert spooled_ids(spool) == ["log-0", "log-1", "log-2"]
+
+
+def test_a_write_during_close_waits_for_a_connection_at_most_the_time_left(writer, spool):
+    clock = FakeClock()
+    log = make_log(writer, spool, clock=clock, close_flush_seconds=5.0)
+    for i in range(6):
+        log.submit(make_row(i))  # two batches of 3
+    with writer.holding() as release:
+        spool.start_after_the_first_replay_pass(log)
+        assert writer.entered.wait(WAIT), "the writer never started its first batch"
+        closer = threading.Thread(target=log.close, args=(30.0,))
+        closer.start()
+        clock.wait_for_reads(2)  # close() has its deadline: 5 s (its flush budget, under the 30 s timeout)
+        clock.now += 1
+        release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive(), "close() should return once the batches are written"
+    first, second = writer.calls
     assert first.wait is None, "before close() a write waits as long as the writer's own limit"
-    assert retried.wait == 10.0, "during close() a write waits for a connection at most the time left"
-    assert writer.stored == [["log-0", "log-1", "log-2"]] and spool.batches == []
+    assert second.wait == 4.0, "during close() a write waits for a connection at most the flush budget left"
+    assert writer.stored_ids() == [f"log-{i}" for i in range(6)] and spool.batches == []
 
 
 def test_a_batch_taken_after_the_close_deadline_is_spooled_without_calling_the_writer(writer, spool):

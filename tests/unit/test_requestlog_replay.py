@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from requestlog_fakes import (
+    FOREVER,
+    WAIT,
     FakeClock,
     FakeWriter,
     SignallingSpool,
@@ -212,3 +214,27 @@ def test_the_readiness_detail_shows_the_backlog_then_the_replay_progress(logs, w
     assert after["replayed_rows"] == 3 and after["last_pass_rows"] == 3, after
     assert after["last_batch_rows_per_second"] > 0 and after["last_replayed_at"] is not None, after
     assert after["replaying"] is False, after
+
+
+def test_a_write_that_succeeds_after_a_failed_one_starts_the_replay_at_once(logs, writer, spool):
+    """PostgreSQL is back: the backlog goes now, not at the end of the replay interval (here: never)."""
+    # Six failed attempts: the start-up replay pass's three and the first batch's three, in either order.
+    writer.script.extend(TransientError("PostgreSQL is down") for _ in range(6))
+    log = make_log(writer, spool, CircuitBreaker("postgres", failure_threshold=100), replay_interval=FOREVER)
+    logs.append(log)
+    log.start()
+    for i in range(10, 13):
+        log.submit(make_row(i))
+    writer.wait_until(lambda w: len(w.calls) >= 6, "both failed three times")
+    # NOTE: the batch is spooled right after its last attempt, outside the writer's view.
+    deadline = time.monotonic() + WAIT
+    while ["log-10", "log-11", "log-12"] not in spool.batches:
+        assert time.monotonic() < deadline, f"the failed batch was not spooled: {spool.batches}"
+        time.sleep(0.005)
+    assert writer.stored_ids() == []
+    for i in range(20, 23):
+        log.submit(make_row(i))
+    writer.wait_until(
+        lambda w: {"log-0", "log-1", "log-2", "log-10", "log-11", "log-12"} <= set(w.stored_ids()),
+        "the backlog was replayed",
+    )
