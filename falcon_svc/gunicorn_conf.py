@@ -8,6 +8,7 @@ the master with a distinct exit code before any worker forks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -171,9 +172,18 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
 
 
 def worker_exit(server: Arbiter, worker: Worker) -> None:
-    """Flush the request log (or spool it) before the worker process ends."""
+    """Let go of the listening sockets, then flush the request log (or spool it) before the worker ends.
+
+    NOTE: closing first lets the port close (on a stop for good) while the log is
+    flushed: connections still queued there are reset and retried by nginx on
+    another unit now, not after the flush. Closing twice is harmless (meinheld's
+    worker closes them as its drain starts).
+    """
     from falcon_svc.lifecycle import LIFECYCLE
 
+    for listener in worker.sockets:
+        with contextlib.suppress(OSError):
+            listener.close()
     LIFECYCLE.run_exit_hooks()
 
 

@@ -13,19 +13,36 @@ an ``Arbiter`` subclass that:
 - sends ``WATCHDOG=1`` from the main loop, so a hung master stops pinging and
   systemd kills and restarts it (``WatchdogSec=``);
 - sends ``STOPPING=1`` when the drain starts, and ``RELOADING=1`` on SIGHUP
-  followed by ``READY=1`` once a worker of the new generation has booted.
+  followed by ``READY=1`` once a worker of the new generation has booted;
+- gives its listening socket to systemd's file descriptor store
+  (``FDSTORE=1``, ``FileDescriptorStoreMax=`` in the unit), and takes it back
+  from ``LISTEN_FDS`` when systemd starts it again.
+
+Why the fd store: systemd keeps stored descriptors while a restart job runs
+(``systemctl restart``, the target's restart, ``Restart=on-failure``) and closes
+them when the unit is stopped for good. So across a restart the port never stops
+listening: nginx's connections queue in the kernel's backlog and the new master
+answers them, where a closed port would be refused, and with every instance
+restarting at once (``systemctl restart falcon-svc.target``) nginx would have
+nowhere to go but a 502. A plain ``stop`` still closes the port, so nginx moves
+to the other instances at once instead of waiting on a queue nobody serves. A
+``falcon-worker@.socket`` unit would hold the port too, but also through a stop,
+and would start the service again on the next connection: a ``stop`` that does
+not stop, and whose queued requests wait for a whole start-up.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, NoReturn
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.app.wsgiapp import WSGIApplication
@@ -33,6 +50,8 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 from gunicorn.workers.base import Worker
 from sdnotify import SystemdNotifier
+
+from falcon_svc.unit_jobs import own_unit, stopping_for_good
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +62,8 @@ WSGI_APP = "falcon_svc.app:get_app()"
 BOOT_POLL_SECONDS = 0.2
 # gunicorn's own main-loop wait; we only ever shorten it.
 ARBITER_LOOP_SECONDS = 1.0
+# The name our listening socket has in systemd's fd store (LISTEN_FDNAMES on the way back).
+FDSTORE_NAME = "listen"
 
 
 class Notifier:
@@ -89,12 +110,16 @@ class Notifier:
         """Return the seconds between watchdog pings (a third of WatchdogSec), 0 when off."""
         return self.watchdog_usec / 3_000_000 if self.enabled else 0.0
 
-    def send(self, state: str) -> bool:
-        """Send ``state``; on failure log (loudly the first time) and return False."""
+    def send(self, state: str, fds: tuple[int, ...] = ()) -> bool:
+        """Send ``state`` (and ``fds``, for FDSTORE=1); on failure log (loudly the first time) and return False."""
         if self._socket_notifier is None:
             return False
         try:
-            self._socket_notifier.notify(state)
+            if fds:
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                self._socket_notifier.socket.sendmsg([state.encode()], [rights])
+            else:
+                self._socket_notifier.notify(state)
         except OSError as ex:
             level = logging.DEBUG if self._failing else logging.ERROR
             logger.log(level, "sd_notify %r to %s failed: %s", state.partition("\n")[0], self.address, ex)
@@ -150,9 +175,50 @@ class NotifyingArbiter(Arbiter):
     def start(self) -> None:
         """Start as gunicorn does (its own READY=1 finds no NOTIFY_SOCKET), pinging around it."""
         self._watchdog_ping(force=True)
+        self._drop_foreign_listen_fds()
         super().start()
+        self._store_listeners()
         self.notifier.send(f"STATUS=listening on {self.cfg.address}; waiting for a worker to boot")
         self._watchdog_ping(force=True)
+
+    # --- the listening socket across restarts ----------------------------------------
+    def _drop_foreign_listen_fds(self) -> None:
+        """Forget inherited sockets bound elsewhere than BIND (the setting changed): bind afresh.
+
+        gunicorn would serve on whatever LISTEN_FDS hands it, whatever ``bind`` says.
+        """
+        inherited = inherited_listen_fds(os.environ)
+        if not inherited:
+            return
+        wanted = {_address_key(address) for address in self.cfg.address}
+        found = set()
+        for fd in inherited:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                found.add(_address_key(sock.getsockname()))
+        if found == wanted:
+            return
+        self.log.warning(
+            "systemd handed back sockets on %s but BIND is %s: closing them and binding afresh",
+            sorted(found),
+            sorted(wanted),
+        )
+        for fd in inherited:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={FDSTORE_NAME}")
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+
+    def _store_listeners(self) -> None:
+        """Give the listening sockets to systemd's fd store, unless they came from it."""
+        if not self.notifier.enabled:
+            return
+        if self.systemd:
+            self.log.info("listening socket handed back by systemd: connections queued during the restart are served")
+            return
+        fds = tuple(listener.sock.fileno() for listener in self.LISTENERS)
+        if self.notifier.send(f"FDSTORE=1\nFDNAME={FDSTORE_NAME}", fds):
+            self.log.info("listening socket given to systemd's fd store: a restart keeps the port listening")
 
     def wait_for_signals(self, timeout: float | None = ARBITER_LOOP_SECONDS) -> list[int]:
         """Wait as gunicorn does (None: until a signal), but wake often enough for READY=1 and the watchdog."""
@@ -211,11 +277,46 @@ class NotifyingArbiter(Arbiter):
         super().handle_hup()
 
     def stop(self, graceful: bool = True) -> None:
-        """Say STOPPING=1 (once) before the drain, so systemd stops expecting pings."""
+        """Say STOPPING=1 (once) before the drain, so systemd stops expecting pings.
+
+        On a stop for good, also take the listening socket out of systemd's fd
+        store first: the port then closes as soon as the workers let go of it
+        (meinheld's as the drain starts), so nginx sends new requests elsewhere
+        instead of queueing them here until the drain ends. A restart keeps it.
+        """
         if not self._stopping:
             self._stopping = True
             self.notifier.send("STOPPING=1\nSTATUS=draining workers")
+            self._release_stored_listeners()
         super().stop(graceful)
+
+    def _release_stored_listeners(self) -> None:
+        if not self.notifier.enabled:
+            return
+        unit = own_unit()
+        for_good = stopping_for_good(unit)
+        if for_good is None:
+            self.log.warning("cannot tell a stop from a restart of %s: the port stays open until the drain ends", unit)
+        elif for_good:
+            self.notifier.send(f"FDSTOREREMOVE=1\nFDNAME={FDSTORE_NAME}")
+            self.log.info("stopping for good: listening socket taken out of systemd's fd store")
+        else:
+            self.log.info("restarting: systemd keeps the listening socket, connections wait for the new master")
+
+
+def inherited_listen_fds(environ: MutableMapping[str, str]) -> list[int]:
+    """Return the descriptors systemd passed this process (sd_listen_fds(3)), without consuming them."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = environ.get("LISTEN_FDS", "")
+    return list(range(3, 3 + int(count))) if count.isdigit() else []
+
+
+def _address_key(address: object) -> str:
+    """Return a comparable form of a socket address: ('127.0.0.1', 8001) and its IPv6 4-tuple alike."""
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 class _BootReportingHook:
@@ -257,7 +358,28 @@ class ServiceApplication(WSGIApplication):
             NotifyingArbiter(self, self.notifier).run()
         except RuntimeError as ex:
             print(f"\nError: {ex}\n", file=sys.stderr, flush=True)
-            sys.exit(1)
+            exit_now(1)
+        except SystemExit as ex:
+            exit_now(ex.code)
+
+
+def exit_now(code: object) -> NoReturn:
+    """Exit with ``code`` as ``sys.exit`` would, without tearing the interpreter down.
+
+    gunicorn ends the master and each worker (after ``worker_exit``, which has
+    flushed the request log) with ``sys.exit``, which reaches here. Finalising an
+    interpreter that has numpy and scikit-learn loaded took 0.3-0.5 s per process
+    (up to 2 s on a loaded host), measured: time a restart's queued connections
+    spend waiting, with nothing left to do in it but flush the logs.
+    """
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
 
 
 def serve(gunicorn_args: list[str]) -> None:

@@ -145,6 +145,9 @@ class MeinheldWorker(Worker):
         # Seconds of grace meinheld gets to finish in-flight requests, or None while
         # no shutdown has been asked for.
         self._shutdown_grace: int | None = None
+        # True once meinheld's loop runs: only then does server.stop() let go of the
+        # listening sockets at once, so that we may close them.
+        self._loop_started = False
 
     @classmethod
     def check_config(cls, cfg: Config, log: Logger) -> None:
@@ -240,8 +243,10 @@ class MeinheldWorker(Worker):
         """Restore gunicorn's signal handlers, and catch up on a stop asked for meanwhile."""
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        self._loop_started = True
         if self._shutdown_grace is not None:
             server.stop(self._shutdown_grace)
+            self._close_listeners()
 
     def watchdog(self) -> None:
         """Heartbeat, and stop if orphaned; meinheld calls this from its loop once a second.
@@ -296,3 +301,17 @@ class MeinheldWorker(Worker):
         # worker, which serves them until the traffic stops and never exits.
         server.set_keepalive(0)
         server.stop(self._shutdown_grace)
+        if self._loop_started:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """Close this process's copies of the listening sockets, which meinheld no longer watches.
+
+        The port closes once the master and every worker have closed theirs (and
+        systemd has let go of its copy, on a stop for good): connections still
+        queued there are reset, and nginx retries them on another unit at once,
+        rather than after this worker's in-flight requests are done.
+        """
+        for listener in self.sockets:
+            with contextlib.suppress(OSError):
+                listener.close()

@@ -35,6 +35,16 @@ LOGGED_ROUTES = frozenset(
 # the access log line (the journal) still records the refusal. Other 4xx are
 # answers to an authenticated client and keep their row.
 UNLOGGED_STATUSES = frozenset({401})
+# nginx's "<$request_id> <$msec>" for this client request (nginx/falcon-svc.conf.j2),
+# the same on every unit nginx tries it on.
+PROXY_REQUEST_HEADER = "X-Falcon-Proxy-Request"
+_PROXY_REQUEST = re.compile(r"([0-9a-f]{32}) ([0-9]{10}\.[0-9]{3})")
+# nginx's arrival time is trusted for received_at only this close to our own clock:
+# the header is nginx's, but a local client could send one too.
+PROXY_CLOCK_SKEW_SECONDS = 60.0
+# Answers nginx retries on the next unit (proxy_next_upstream http_502 http_503):
+# their rows keep a key of their own, so the retry's answer is logged too.
+RETRIED_STATUSES = frozenset({502, 503})
 
 
 def new_request_id() -> str:
@@ -47,6 +57,24 @@ def request_id_for(header_value: str | None) -> str:
     if header_value and _SANE_REQUEST_ID.fullmatch(header_value):
         return header_value
     return new_request_id()
+
+
+def proxy_request(header_value: str | None, now: float) -> tuple[str, float] | None:
+    """Return (log_id, received_at) from nginx's request header, or None when absent or not believable.
+
+    A request nginx sends to a second unit after the first died mid-request carries
+    the same header, so both runs make the same row key and ``ON CONFLICT DO
+    NOTHING`` stores the request once.
+    """
+    if not header_value:
+        return None
+    match = _PROXY_REQUEST.fullmatch(header_value)
+    if match is None:
+        return None
+    arrived = float(match.group(2))
+    if abs(now - arrived) > PROXY_CLOCK_SKEW_SECONDS:
+        return None
+    return match.group(1), arrived
 
 
 def elapsed_ms(req: falcon.Request) -> float:
@@ -81,7 +109,10 @@ class RequestContext:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
-        req.context.received_at = time.time()
+        now = time.time()
+        proxied = proxy_request(req.get_header(PROXY_REQUEST_HEADER), now)
+        req.context.proxy_log_id = proxied[0] if proxied else None
+        req.context.received_at = proxied[1] if proxied else now
         req.context.request_id = request_id_for(req.get_header(REQUEST_ID_HEADER))
         metrics.IN_FLIGHT.inc()
 
@@ -154,9 +185,14 @@ class RequestContext:
             # A batch is identified by the HMAC of its texts' digests, in order.
             digest = text_hmac(self._text_hmac_key, [result.digest for result in results])
         return LogRow(
-            # NOTE: the key is ours, not the client's X-Request-ID, which a retry
+            # NOTE: the key is nginx's id of the client request (the same for nginx's
+            # retries of it) or ours, never the client's X-Request-ID, which a client
             # may repeat: each request gets its own row.
-            log_id=new_request_id(),
+            log_id=(
+                req.context.proxy_log_id
+                if req.context.proxy_log_id and status not in RETRIED_STATUSES
+                else new_request_id()
+            ),
             request_id=request_id,
             received_at=req.context.received_at,
             route=route,

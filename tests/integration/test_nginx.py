@@ -178,7 +178,11 @@ def running_nginx(
         https_port=free_port() if tls else None,
     )
     site = directory / "falcon-svc.conf"
-    unknown = set(overrides) - set(CLIENT_LIMITS)
+    unknown = set(overrides) - set(CLIENT_LIMITS) - {"falcon_unlimited_clients_file"}
+    # The role writes this file with no address in it; so does every test that does not name its own.
+    unlimited = directory / "unlimited.conf"
+    unlimited.write_text("# no address is exempt from the rate limits\n")
+    overrides = {"falcon_unlimited_clients_file": str(unlimited)} | overrides
     assert not unknown, f"not a client-limit variable of the template: {unknown}"
     site.write_text(
         render(
@@ -314,6 +318,22 @@ def test_burst_over_the_rate_limit_gets_json_429(worker_ports, tmp_path):
     assert body["error"]["code"] == "too_many_requests" and body["error"]["field"] is None, body
     assert body["error"]["message"] == "Rate limit exceeded; retry later.", body
     assert headers["Retry-After"] == "1" and HEX_ID.fullmatch(headers["X-Request-ID"]), headers
+
+
+def test_addresses_in_the_unlimited_file_skip_both_rate_limits(worker_ports, tmp_path):
+    # What the saturation drills do (scripts/faults/lib.sh): loopback into the file the
+    # role writes empty, for the drill's run only.
+    unlimited = tmp_path / "unlimited.conf"
+    limits = {"rate": "1r/m", "burst": 1, "falcon_address_rate_limit": "1r/m", "falcon_address_rate_burst": 1}
+    statuses = {}
+    for name, content in (("role", "# none\n"), ("drill", "127.0.0.1 1;\n::1 1;\n"), ("elsewhere", "10.9.8.7 1;\n")):
+        unlimited.write_text(content)
+        with running_nginx(
+            tmp_path / name, worker_ports, falcon_unlimited_clients_file=str(unlimited), **limits
+        ) as proxy:
+            statuses[name] = [call(proxy.port, "GET", "/healthz")[0] for _ in range(6)]
+    assert statuses["drill"] == [200] * 6, statuses
+    assert statuses["role"] == statuses["elsewhere"] == [200, 200] + [429] * 4, statuses
 
 
 def request_with_id(port: int, request_id: str | None):
@@ -859,3 +879,62 @@ def test_each_client_behind_a_trusted_balancer_has_its_own_limit(tmp_path):
     assert (other_client, same_client) == (200, 429), (
         f"a second client got {other_client} (want 200), the busy client's second request {same_client} (want 429)"
     )
+
+
+@contextmanager
+def raw_upstream(answer: bytes | None) -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """A one-request-per-connection HTTP upstream that records each request's headers.
+
+    ``answer`` is sent back; None closes the connection unanswered, as a unit killed
+    mid-request does, which nginx retries on the next unit.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[dict[str, str]] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                lines = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]
+                seen.append({k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)})
+                if answer is not None:
+                    connection.sendall(answer)
+                else:
+                    # Die a little later, so a header nginx rebuilt for the retry would show a later $msec.
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        listener.close()
+
+
+def test_a_request_retried_on_another_unit_carries_the_same_proxy_request_header(tmp_path):
+    """nginx builds the upstream request once: the unit it retries on sees the id and time the first one saw."""
+    body = b'{"ok": true}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    answer += f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    with (
+        raw_upstream(None) as (dying_port, dying_seen),
+        raw_upstream(answer) as (good_port, good_seen),
+        running_nginx(tmp_path / "nginx", [dying_port, good_port]) as proxy,
+    ):
+        statuses = [call(proxy.port, "POST", "/infer", {"text": f"retry {i}"})[0] for i in range(6)]
+    assert statuses == [200] * 6, statuses
+    assert dying_seen, "nginx never tried the unit that dies mid-request"
+    retried = {h["x-request-id"]: h["x-falcon-proxy-request"] for h in dying_seen}
+    answered = {h["x-request-id"]: h["x-falcon-proxy-request"] for h in good_seen}
+    assert all(answered[request_id] == value for request_id, value in retried.items()), (retried, answered)
+    assert all(re.fullmatch(r"[0-9a-f]{32} [0-9]{10}\.[0-9]{3}", value) for value in answered.values()), answered
+    assert len(set(answered.values())) == 6, "each client request has its own"

@@ -269,8 +269,12 @@ def role_tasks(name: str) -> list[dict]:
 
 def role_playbook(directory: Path, variables: dict[str, object]) -> Path:
     """A play on localhost: the role's preflight (and defaults), TLS and site tasks; the site goes to ``directory``."""
-    (render_task,) = [task for task in role_tasks("configure") if "ansible.builtin.template" in task]
+    configure = role_tasks("configure")
+    (render_task,) = [task for task in configure if "ansible.builtin.template" in task]
     render_task["ansible.builtin.template"]["dest"] = str(directory / "falcon-svc.conf")
+    # The site includes the rate-limit exemptions file: the role writes it (to nginx_unlimited_clients_file).
+    (unlimited_task,) = [t for t in configure if "nginx_unlimited_clients_file" in str(t.get("ansible.builtin.copy"))]
+    variables = {"nginx_unlimited_clients_file": str(directory / "unlimited.conf")} | variables
     preflight = {
         "name": "Check the inputs",
         "ansible.builtin.include_role": {"name": "nginx", "tasks_from": "preflight.yml", "public": True},
@@ -281,7 +285,7 @@ def role_playbook(directory: Path, variables: dict[str, object]) -> Path:
         "connection": "local",
         "gather_facts": True,
         "vars": variables,
-        "tasks": [preflight, *role_tasks("tls"), render_task],
+        "tasks": [preflight, *role_tasks("tls"), unlimited_task, render_task],
     }
     playbook = directory / "play.yml"
     playbook.write_text(yaml.safe_dump([play], sort_keys=False))

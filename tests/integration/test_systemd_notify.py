@@ -7,12 +7,14 @@ runs and not while it hangs, STOPPING=1 on SIGTERM, and no READY=1 when start-up
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,8 @@ WATCHDOG_SECONDS = WATCHDOG_USEC / 1e6
 # gets round to reading them. Linux's value (asm-generic/socket.h); Python does not name it.
 SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("qq")
+# Room for the few descriptors an FDSTORE=1 message may carry.
+_RIGHTS_SPACE = socket.CMSG_SPACE(8 * 4)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Message:
     fields: dict[str, str]
     # /readyz status when READY=1 arrived (None for other messages).
     readyz: int | None = None
+    # Descriptors passed along (FDSTORE=1), now open in this process.
+    fds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -54,14 +60,20 @@ class FakeSystemd:
         """Return the next message within ``timeout`` s (0: only one already queued); on READY=1 probe /readyz."""
         self.sock.settimeout(timeout)
         try:
-            raw, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_TIMESPEC.size))
+            raw, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_TIMESPEC.size) + _RIGHTS_SPACE)
         except (TimeoutError, BlockingIOError):
             return None
         stamps = [data for level, kind, data in ancillary if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS)]
         assert stamps, f"the kernel did not stamp the datagram: {ancillary}"
         seconds, nanoseconds = _TIMESPEC.unpack(stamps[0])
+        fds = [
+            fd
+            for level, kind, data in ancillary
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            for fd in array.array("i", data[: len(data) - len(data) % 4])
+        ]
         fields = dict(line.split("=", 1) for line in raw.decode().splitlines() if "=" in line)
-        message = Message(seconds + nanoseconds / 1e9, fields)
+        message = Message(seconds + nanoseconds / 1e9, fields, fds=fds)
         if port is not None and fields.get("READY") == "1":
             try:
                 message.readyz = call(port, "GET", "/readyz", timeout=5)[0]
@@ -114,9 +126,9 @@ def pings_per_window(messages: list[Message], start: float, windows: int) -> lis
     return counts
 
 
-@pytest.fixture
-def fake_systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
-    path = tmp_path / "notify.sock"
+@contextmanager
+def bound_fake_systemd(path: Path) -> Iterator[FakeSystemd]:
+    """Listen on ``path`` as systemd's NOTIFY_SOCKET would, until the block ends."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.bind(str(path))
@@ -126,15 +138,18 @@ def fake_systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
         sock.close()
 
 
+@pytest.fixture
+def fake_systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
+    with bound_fake_systemd(tmp_path / "notify.sock") as fake:
+        yield fake
+
+
 def notify_env(model_dir: Path, port: int, tmp_path: Path, fake: FakeSystemd, **extra: str) -> dict[str, str]:
     return service_env(
         model_dir,
         port,
         tmp_path,
-        WORKER_CLASS="sync",
-        NOTIFY_SOCKET=str(fake.path),
-        WATCHDOG_USEC=str(WATCHDOG_USEC),
-        **extra,
+        **{"WORKER_CLASS": "sync", "NOTIFY_SOCKET": str(fake.path), "WATCHDOG_USEC": str(WATCHDOG_USEC), **extra},
     )
 
 

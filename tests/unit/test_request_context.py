@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from typing import Any
 
 import falcon
@@ -204,3 +205,54 @@ def test_an_unset_key_is_said_once_at_start_naming_the_setting(request_log, capl
     RequestContext("test:1", False, request_log)  # type: ignore[arg-type]
     warnings = [record for record in caplog.records if "LOG_TEXT_HMAC_KEY" in record.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING", caplog.text
+
+
+def test_nginx_retries_of_one_request_share_the_row_key(logged_client, request_log):
+    """A request nginx runs on two units (the first killed after logging it) is one row: same key, same time."""
+    now = time.time()
+    header = {"X-Falcon-Proxy-Request": f"{'ab' * 16} {now - 0.25:.3f}"}
+    for _ in range(2):
+        logged_client.simulate_post("/infer", body=json.dumps({"text": "twice"}), headers=JSON | header)
+    first, second = request_log.rows
+    assert first.log_id == second.log_id == "ab" * 16
+    assert first.received_at == second.received_at == pytest.approx(now - 0.25, abs=0.001), "nginx's arrival time"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "ab" * 16,  # no time
+        f"{'AB' * 16} 1700000000.000",  # nginx's ids are lower-case hex
+        f"{'ab' * 15} {time.time():.3f}",  # short
+        f"{'ab' * 16} {time.time() - 3600:.3f}",  # an hour off our clock: not believed
+        f"{'ab' * 16} {time.time():.3f} x",
+    ],
+)
+def test_a_missing_or_unbelievable_proxy_header_keeps_our_own_key_and_time(logged_client, request_log, value):
+    before = time.time()
+    logged_client.simulate_post(
+        "/infer", body=json.dumps({"text": "x"}), headers=JSON | {"X-Falcon-Proxy-Request": value}
+    )
+    (row,) = request_log.rows
+    assert re.fullmatch(r"[0-9a-f]{32}", row.log_id) and row.log_id != "ab" * 16
+    assert before <= row.received_at <= time.time()
+
+
+def test_an_answer_nginx_retries_elsewhere_keeps_a_key_of_its_own(settings, model, request_log, monkeypatch):
+    """A 503 is retried by nginx on the next unit (proxy_next_upstream): that answer must get its row too."""
+    from falcon_svc.resources.infer import InferResource
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise falcon.HTTPServiceUnavailable(description="not now")
+
+    monkeypatch.setattr(InferResource, "on_post", unavailable)
+    deps = Dependencies(request_log=request_log)  # type: ignore[arg-type]
+    logged_client = falcon.testing.TestClient(
+        create_app(settings, model, dependencies=deps, lifecycle=Lifecycle(), worker_id="test:1")
+    )
+    header = {"X-Falcon-Proxy-Request": f"{'cd' * 16} {time.time():.3f}"}
+    refused = logged_client.simulate_post("/infer", body=json.dumps({"text": "x"}), headers=JSON | header)
+    assert refused.status_code == 503, refused.text
+    (row,) = request_log.rows
+    assert row.status == 503 and re.fullmatch(r"[0-9a-f]{32}", row.log_id) and row.log_id != "cd" * 16
