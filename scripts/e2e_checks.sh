@@ -19,7 +19,7 @@ RUN_DIR=${E2E_RUN_DIR:-/tmp/falcon-e2e}
 KEY=$RUN_DIR/id_ed25519
 SSH_PORT=${E2E_SSH_PORT:-2222}
 URL=http://127.0.0.1
-read -r -a FAULTS <<<"${E2E_FAULTS:-stop_worker rolling_restart kill_worker redis_down postgres_slow cpu_spike}"
+read -r -a FAULTS <<<"${E2E_FAULTS:-stop_worker restart_storm rolling_restart kill_worker redis_down postgres_slow postgres_down cpu_spike}"
 SMOKE_ID=e2e-smoke-$(date +%s)
 # systemd-analyze security's exposure bound; README.md and tests/unit/test_systemd_units.py say the same.
 SECURITY_LIMIT=1.5

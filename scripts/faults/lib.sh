@@ -11,7 +11,10 @@
 #   FALCON_URL      nginx in front of the workers        (default http://127.0.0.1)
 #   FALCON_PORTS    worker ports, space separated        (default: every falcon-worker@PORT unit)
 #   FALCON_DB       database holding request_log         (default falcon)
-#   LOAD_RATE       steady requests per second, total    (default 40: under nginx's 50r/s per client)
+#   LOAD_RATE       steady requests per second, total    (default 0: closed loop, the host's saturation)
+#   LOAD_CONCURRENCY  connections of the steady load      (default 6)
+#   DRILL_UNLIMITED exempt loopback from nginx's rate limits for the drill (default 1; the
+#                   role's /etc/nginx/falcon-svc-unlimited.conf is put back when it ends)
 #   PYTHON          interpreter for loadgen.py           (default python3)
 #   FALCON_API_KEY  API key sent as "Authorization: Bearer" (default none: API keys off)
 set -euo pipefail
@@ -19,7 +22,10 @@ set -euo pipefail
 FAULTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FALCON_URL=${FALCON_URL:-http://127.0.0.1}
 FALCON_DB=${FALCON_DB:-falcon}
-LOAD_RATE=${LOAD_RATE:-40}
+LOAD_RATE=${LOAD_RATE:-0}
+LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-6}
+DRILL_UNLIMITED=${DRILL_UNLIMITED:-1}
+UNLIMITED_FILE=/etc/nginx/falcon-svc-unlimited.conf
 PYTHON=${PYTHON:-python3}
 
 FAULT_NAME=fault
@@ -51,7 +57,37 @@ fault_init() {
     AUTH_CURL=(-H "@$WORK/auth.header")
   fi
   trap 'exit 130' INT TERM
-  say "run id $RUN_ID (X-Request-ID prefix), load ${LOAD_RATE}/s through $FALCON_URL"
+  if ((DRILL_UNLIMITED)); then unlimit_loopback; fi
+  say "run id $RUN_ID (X-Request-ID prefix), load $(load_description) through $FALCON_URL"
+}
+
+load_description() {
+  if [[ $LOAD_RATE == 0 ]]; then
+    echo "closed loop on $LOAD_CONCURRENCY connections (saturation)"
+  else
+    echo "${LOAD_RATE}/s on $LOAD_CONCURRENCY connections"
+  fi
+}
+
+# unlimit_loopback: take 127.0.0.1 and ::1 out of nginx's rate limits for this drill
+# (nginx/falcon-svc.conf.j2, "Addresses exempt"), and put them back at exit. Only
+# connections made from this host's loopback match, whatever X-Forwarded-For says.
+unlimit_loopback() {
+  [[ -f $UNLIMITED_FILE ]] || die "no $UNLIMITED_FILE: provision the host with the nginx role"
+  cp -p "$UNLIMITED_FILE" "$WORK/unlimited.conf"
+  on_exit nginx_reload_settled
+  on_exit cp -p "$WORK/unlimited.conf" "$UNLIMITED_FILE"
+  printf '# written by the %s drill (scripts/faults/lib.sh), put back when it ends\n127.0.0.1 1;\n::1 1;\n' \
+    "$FAULT_NAME" >"$UNLIMITED_FILE"
+  nginx_reload_settled
+  say "nginx rate limits lifted for loopback (until the drill ends)"
+}
+
+# nginx_reload_settled: reload nginx and give the new worker processes a moment to take
+# new connections (systemctl returns once the master has the signal).
+nginx_reload_settled() {
+  systemctl reload nginx.service
+  sleep 1
 }
 
 # on_exit CMD...: undo a fault at exit (last registered runs first; a no-op undo,
@@ -79,6 +115,20 @@ worker_ports() {
 
 unit_prop() { systemctl show --property="$2" --value "falcon-worker@$1.service"; }
 
+# remember_main_pids, then check_new_main_pids: every unit got a new main process.
+declare -A MAIN_PID_BEFORE=()
+remember_main_pids() {
+  local port
+  for port in $(worker_ports); do MAIN_PID_BEFORE[$port]=$(unit_prop "$port" MainPID); done
+}
+check_new_main_pids() {
+  local port
+  for port in "${!MAIN_PID_BEFORE[@]}"; do
+    check "falcon-worker@$port has a new main pid (${MAIN_PID_BEFORE[$port]} -> $(unit_prop "$port" MainPID))" \
+      test "$(unit_prop "$port" MainPID)" != "${MAIN_PID_BEFORE[$port]}"
+  done
+}
+
 # wait_ready PORT [SECONDS]: until the worker answers /readyz 200.
 wait_ready() {
   local port=$1 limit=${2:-90} i
@@ -98,15 +148,41 @@ require_ready_workers() {
   done
 }
 
-# load_start SECONDS [loadgen args...]: steady load in the background.
+# load_start SECONDS [loadgen args...]: steady load in the background, for at most
+# SECONDS (load_stop ends it sooner). LOAD_TAG (default "load") names the load in
+# its request ids: RUN_ID-LOAD_TAG-N.
 load_start() {
   local seconds=$1
   shift
-  "$PYTHON" "$FAULTS_DIR/loadgen.py" --url "$FALCON_URL" --run-id "$RUN_ID-load" \
-    --duration "$seconds" --rate "$LOAD_RATE" --out "$WORK/load.json" "$@" \
+  rm -f "$WORK/load.stop"
+  "$PYTHON" "$FAULTS_DIR/loadgen.py" --url "$FALCON_URL" --run-id "$RUN_ID-${LOAD_TAG:-load}" \
+    --duration "$seconds" --rate "$LOAD_RATE" --concurrency "$LOAD_CONCURRENCY" \
+    --timeline "$WORK/timeline.tsv" --stop-file "$WORK/load.stop" --out "$WORK/load.json" "$@" \
     >/dev/null 2>"$WORK/load.err" &
   LOAD_PID=$!
-  say "load: $seconds s at ${LOAD_RATE}/s"
+  say "load: up to $seconds s, $(load_description)"
+}
+
+# load_stop: end the load now (each connection finishes its request), and wait for it.
+load_stop() {
+  touch "$WORK/load.stop"
+  load_wait
+}
+
+# extra_wait_ms FROM_NS TO_NS: "EXTRA SLOWEST NORMAL COUNT" for the requests in flight
+# between FROM_NS and TO_NS (date +%s%N): the slowest of them, less the p99 of the
+# requests answered in the 10 s before FROM_NS ("normal"), in ms.
+extra_wait_ms() {
+  "$PYTHON" - "$WORK/timeline.tsv" "$1" "$2" <<'EOF'
+import sys
+path, start, end = sys.argv[1], int(sys.argv[2]) / 1e9, int(sys.argv[3]) / 1e9
+rows = [tuple(map(float, line.split()[:2])) for line in open(path) if line.strip()]
+before = sorted(ms for sent, ms in rows if start - 10 <= sent and sent + ms / 1000 < start)
+during = [ms for sent, ms in rows if sent <= end and sent + ms / 1000 >= start]
+normal = before[int(0.99 * (len(before) - 1))] if before else 0.0
+slowest = max(during, default=0.0)
+print(f"{slowest - normal:.0f} {slowest:.0f} {normal:.0f} {len(during)}")
+EOF
 }
 
 load_wait() {
@@ -183,13 +259,44 @@ check_rows() {
     last=$distinct
     sleep 1
   done
-  say "request_log: $distinct distinct request ids in $total rows for $expected answered requests"
+  say "request_log: $distinct distinct request ids in $total rows for $expected answered requests (after ${i} s)"
+  check "no request has two request_log rows ($((total - distinct)) duplicated)" test "$total" -eq "$distinct"
   if ((max_missing == 0)); then
     check "one request_log row per answered request ($distinct of $expected)" test "$distinct" -eq "$expected"
   else
     check "request_log rows missing at most $max_missing ($((expected - distinct)) of $expected missing)" \
       test "$distinct" -le "$expected" -a $((expected - distinct)) -le "$max_missing"
   fi
+}
+
+# window_line FROM_NS TO_NS: "COUNT FAILED SLOWEST_MS" of the requests in flight
+# between FROM_NS and TO_NS (date +%s%N).
+window_line() {
+  "$PYTHON" - "$WORK/timeline.tsv" "$1" "$2" <<'EOF'
+import sys
+path, start, end = sys.argv[1], int(sys.argv[2]) / 1e9, int(sys.argv[3]) / 1e9
+rows = [line.split() for line in open(path) if line.strip()]
+during = [(float(ms), status) for sent, ms, status in rows if float(sent) <= end and float(sent) + float(ms) / 1000 >= start]
+failed = sum(not status.startswith("2") for _, status in during)
+print(len(during), failed, f"{max((ms for ms, _ in during), default=0):.0f}")
+EOF
+}
+
+# replay_state: "PENDING_BYTES ROWS_PER_SECOND" of the spool replay, from the workers'
+# /readyz detail (loopback): the spool's backlog (the host's: any worker tells), and the
+# fastest rate of the workers' last replay batches.
+replay_state() {
+  local port
+  for port in $(worker_ports); do
+    curl -fsS -m 2 "http://127.0.0.1:$port/readyz" 2>/dev/null || true
+    echo
+  done | "$PYTHON" -c '
+import json, sys
+replays = [json.loads(line)["request_log"]["replay"] for line in sys.stdin if line.strip()]
+if not replays:
+    print("unknown 0")
+else:
+    print(replays[0]["pending_bytes"], max(r["last_batch_rows_per_second"] for r in replays))'
 }
 
 # metric_sum PORT REGEX: sum of a worker's /metrics samples whose name{labels} match.

@@ -8,6 +8,8 @@ Two modes:
   steady   --duration S --rate R: R requests/s (total, paced) for S seconds from
            --concurrency threads, a mix of what users send (short texts, batches,
            long texts that go through Redis, requests with X-Idempotency-Key).
+           --rate 0: closed loop, each thread sends its next request as soon as
+           the last is answered: the host's saturation, not a chosen rate.
   burst    --burst N: N large batches sent at once on N connections; once every
            body is written it creates --ready-file, so the caller can stop a
            worker while all N are in flight, then waits for the N answers.
@@ -59,6 +61,8 @@ class Tally:
     idempotency: Counter = field(default_factory=Counter)
     cache_hits: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # (wall-clock send time, latency ms, status or error) of every request, for --timeline.
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,7 +80,9 @@ class Tally:
         """Count one request sent at ``sent_at`` (time.monotonic()) of a run started at ``run_started``."""
         ms = (time.monotonic() - sent_at) * 1000
         offset = sent_at - run_started
+        wall_sent = time.time() - ms / 1000
         with self.lock:
+            self.timeline.append((wall_sent, ms, str(status if error is None else error)))
             if status is not None:
                 self.statuses[str(status)] += 1
                 self.latencies_ms.append(ms)
@@ -194,9 +200,10 @@ def run_steady(args: argparse.Namespace, host: str, port: int) -> Tally:
     tally = Tally()
     started = time.monotonic()
     deadline = started + args.duration
-    interval = 1.0 / args.rate
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
     counter = iter(range(10**9))
     counter_lock = threading.Lock()
+    stop_file = pathlib.Path(args.stop_file) if args.stop_file else None
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
@@ -204,13 +211,18 @@ def run_steady(args: argparse.Namespace, host: str, port: int) -> Tally:
         while True:
             with counter_lock:
                 n = next(counter)
-            # Paced: request n is due at started + n * interval, whoever sends it.
-            due = started + n * interval
-            if due >= deadline:
+            if interval:
+                # Paced: request n is due at started + n * interval, whoever sends it.
+                due = started + n * interval
+                if due >= deadline:
+                    break
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            elif time.monotonic() >= deadline:
                 break
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            if stop_file is not None and stop_file.exists():
+                break
             path, payload, headers = steady_request(n, rng)
             send(
                 client,
@@ -269,7 +281,7 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1", help="base URL (loopback only)")
     parser.add_argument("--run-id", default=f"load{int(time.time())}", help="X-Request-ID prefix")
     parser.add_argument("--duration", type=float, default=20.0, help="steady: seconds")
-    parser.add_argument("--rate", type=float, default=40.0, help="steady: requests per second, total")
+    parser.add_argument("--rate", type=float, default=40.0, help="steady: requests per second, total; 0: closed loop")
     parser.add_argument("--concurrency", type=int, default=4, help="steady: threads")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
     parser.add_argument("--burst", type=int, default=0, help="burst: number of batches in flight")
@@ -277,6 +289,8 @@ def main() -> int:
     parser.add_argument("--chars", type=int, default=4000, help="burst: characters per text")
     parser.add_argument("--ready-file", help="burst: created once every request is sent")
     parser.add_argument("--out", help="also write the JSON summary here")
+    parser.add_argument("--stop-file", help="steady: stop early once this file exists")
+    parser.add_argument("--timeline", help="write one line per request: wall-clock send time, latency ms, status")
     args = parser.parse_args()
 
     url = urllib.parse.urlsplit(args.url)
@@ -284,13 +298,18 @@ def main() -> int:
     if host not in ALLOWED_HOSTS:
         parser.error(f"refusing to load {host!r}: loopback only")
     port = url.port or 80
-    if not 0 < args.duration <= 600 or not 0 < args.rate <= 5000 or not 0 <= args.burst <= 200:
+    if not 0 < args.duration <= 600 or not 0 <= args.rate <= 5000 or not 0 <= args.burst <= 200:
         parser.error("bounded load only: duration <= 600 s, rate <= 5000/s, burst <= 200")
+    if not 1 <= args.concurrency <= 32:
+        parser.error("bounded load only: 1 to 32 connections")
 
     started = time.monotonic()
     tally = run_burst(args, host, port) if args.burst else run_steady(args, host, port)
     summary = tally.summary(run_id=args.run_id, seconds=time.monotonic() - started)
     text = json.dumps(summary, indent=2, sort_keys=True)
+    if args.timeline:
+        lines = (f"{sent:.6f} {ms:.3f} {status}\n" for sent, ms, status in sorted(tally.timeline))
+        pathlib.Path(args.timeline).write_text("".join(lines))
     if args.out:
         pathlib.Path(args.out).write_text(text + "\n")
     print(text)

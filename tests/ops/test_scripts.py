@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +103,27 @@ def test_loadgen_steady_counts_every_answer_and_sends_the_mix(local_server: str)
     assert summary["idempotency_status"] == {"unavailable": 4}, "1 in 10 carries X-Idempotency-Key"
 
 
+def test_loadgen_closed_loop_keeps_every_connection_busy_and_writes_the_timeline(
+    local_server: str, tmp_path: Path
+) -> None:
+    timeline = tmp_path / "timeline.tsv"
+    before = time.time()
+    result = run_loadgen(
+        "--url", local_server, "--run-id", "c", "--duration", "1", "--rate", "0", "--concurrency", "3",
+        "--timeline", str(timeline),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    # Not paced: far more than a paced run's 40 in the same second, each answered once.
+    assert summary["sent"] == summary["answered"] == len(_Handler.seen) > 40
+    lines = [line.split() for line in timeline.read_text().splitlines()]
+    assert len(lines) == summary["sent"]
+    assert all(before <= float(sent) <= time.time() and float(ms) >= 0 for sent, ms, _ in lines)
+    statuses = Counter(status for _, _, status in lines)
+    assert statuses == Counter({str(k): v for k, v in summary["statuses"].items()})
+
+
 def test_loadgen_burst_signals_once_everything_is_sent(local_server: str, tmp_path: Path) -> None:
     ready = tmp_path / "sent"
     result = run_loadgen(
@@ -134,6 +157,8 @@ def test_loadgen_counts_refused_connections_as_errors() -> None:
         ["--url", "http://10.0.0.1:8001"],
         ["--duration", "3600"],
         ["--rate", "100000"],
+        ["--rate", "-1"],
+        ["--concurrency", "100"],
     ],
 )
 def test_loadgen_refuses_anything_but_bounded_loopback_load(args: list[str]) -> None:
