@@ -4,7 +4,7 @@
 # host as root. Expect: no failed request (rows go to each process's write-ahead file
 # and stay there), the restarted unit's rows are not lost with its old processes, and
 # once PostgreSQL is back every row lands exactly once; the drill prints how long the
-# backlog took to drain and the replay's rate (rows/s of its last batch).
+# backlog took to drain, and the replay's rate as the workers' journal shows it.
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
@@ -37,7 +37,6 @@ say "PostgreSQL is up after $((($(date +%s%N) - back) / 1000000)) ms; $backlog o
 # The workers' PostgreSQL breakers admit one trial call per CIRCUIT_BREAKER_TIMEOUT_SECONDS
 # (60 s) while open, so replay may start up to that long after PostgreSQL is back.
 DRAIN_LIMIT_SECONDS=${DRAIN_LIMIT_SECONDS:-90}
-REPLAY_MIN_ROWS_PER_SECOND=${REPLAY_MIN_ROWS_PER_SECOND:-20000}
 drained_ms=-1
 for _ in $(seq $((DRAIN_LIMIT_SECONDS * 10))); do
   read -r distinct _ < <(rows_for "$RUN_ID-load" 2>/dev/null || echo "0 0")
@@ -45,9 +44,12 @@ for _ in $(seq $((DRAIN_LIMIT_SECONDS * 10))); do
   sleep 0.1
 done
 say "replay: all $answered rows in PostgreSQL ${drained_ms} ms after its start ($backlog of them replayed)"
-# The replay's own rate, from the workers' journal: one line per replayed file
+# The replay's rate as the workers' journal shows it: one line per replayed file
 # ("replayed N request-log rows from ..."), rows over the time from the first such
 # line to the last (the first file's rows not counted: its time is not in the span).
+# Reported, not checked: the span also holds the gaps while each worker's PostgreSQL
+# pool reconnects (5,500 to 52,000 rows/s measured); the replay's own rate is
+# scripts/bench/bench_replay.py's (make bench).
 read -r rate files < <(journalctl -u 'falcon-worker@*' --since "@$((back / 1000000000))" -o short-unix --no-pager \
   | "$PYTHON" -c '
 import re, sys
@@ -63,5 +65,4 @@ check_no_failed_requests
 check_rows "$answered"
 check "the outage's backlog was replayed within $DRAIN_LIMIT_SECONDS s of PostgreSQL's start (${drained_ms} ms)" \
   test "$drained_ms" -ge 0
-check "replay wrote at least $REPLAY_MIN_ROWS_PER_SECOND rows/s ($rate rows/s)" test "$rate" -ge "$REPLAY_MIN_ROWS_PER_SECOND"
 verdict
