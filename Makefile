@@ -114,12 +114,13 @@ lint: $(STAMP)  ## ruff (lint and format), mypy (types; setup.cfg [mypy])
 audit: $(STAMP)  ## pip-audit the locked runtime set: a known vulnerability fails; no database only warns
 	PIP_AUDIT=$(VENV)/bin/pip-audit PYTHON=$(PY) bash scripts/audit.sh
 
-bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path; spool replay rows/s; write-ahead append cost
+bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): worker classes, full path; spool replay rows/s; write-ahead append cost; access line: stdout vs journal entry
 	$(PY) scripts/bench/bench_model.py --model-dir $(MODEL_DIR)
 	bash scripts/bench/bench_http.sh
 	$(PY) scripts/bench/bench_full.py
 	$(PY) scripts/bench/bench_replay.py
 	$(PY) scripts/bench/bench_wal.py
+	$(PY) scripts/bench/bench_access_log.py
 
 check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
 	bash scripts/check_health.sh

@@ -85,6 +85,10 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exception: falco
         field = None
     if 400 <= status < 500:
         metrics.INPUT_ERRORS.labels(code).inc()
+    # The access line says why (falcon_svc/middleware/context.py): its ``code``,
+    # ``field`` and the journal's ERROR_CODE come from here.
+    req.context.error_code = code
+    req.context.error_field = field
     if is_oip_path(req.path):
         resp.media = {"error": message, "code": code, "field": field}
     else:
@@ -96,7 +100,14 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
     """Turn a bug into a logged 500 in the JSON shape rather than an HTML page."""
     if isinstance(ex, falcon.HTTPError):
         raise ex
-    logger.exception("unhandled error on %s %s", req.method, req.path)
+    # NOTE: the type and traceback go to the log (under systemd: priority err, with
+    # EXCEPTION_TYPE, TRACEBACK and REQUEST_ID fields), never to the client.
+    logger.exception(
+        "unhandled error on %s %s",
+        req.method,
+        req.path,
+        extra={"request_id": req.context.get("request_id"), "exception_type": type(ex).__name__},
+    )
     raise APIError(falcon.HTTP_500, "internal_error", "The server failed to handle this request.") from ex
 
 

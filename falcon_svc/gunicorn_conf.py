@@ -103,7 +103,8 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "falcon_svc.logs.JSONFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    # JSON lines on stdout; under systemd, journal entries with priority and fields (falcon_svc/journal.py).
+    "handlers": {"stdout": {"class": "falcon_svc.logs.LineHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"level": _settings.log_level.upper(), "handlers": ["stdout"]},
     "loggers": {
         "gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stdout"], "propagate": False},

@@ -149,8 +149,23 @@ class RequestContext:
                     "worker": self._worker_id,
                     # The API key's id (falcon_svc/auth), never the key; None with API keys off.
                     "client_key_id": req.context.get("client_key_id"),
+                    **self._outcome(req),
                 }
             )
+
+    @staticmethod
+    def _outcome(req: falcon.Request) -> dict[str, object]:
+        """Return what the access line adds when there is one: the error's code and field, the model version."""
+        outcome: dict[str, object] = {}
+        # Stashed by falcon_svc.errors.serialize_error for every error answer.
+        error_code = req.context.get("error_code")
+        if error_code is not None:
+            outcome["code"] = error_code
+            outcome["field"] = req.context.get("error_field")
+        inference: Inference | None = req.context.get("inference")
+        if inference is not None:
+            outcome["model_version"] = inference.model_version
+        return outcome
 
     def _log_row(
         self, req: falcon.Request, *, request_id: str, route: str, method: str, status: int, seconds: float

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from falcon_svc.logs import ACCESS_LOGGER, AccessLog, JSONFormatter, LogThrottle
+from falcon_svc.logs import ACCESS_LOGGER, AccessLog, JSONFormatter, LogThrottle, _iso_time
 
 
 def record(message: str, *args: object, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
@@ -33,6 +33,14 @@ def test_a_record_is_one_json_line_with_its_extra_fields():
         "dependency": "redis",
         "to_state": "open",
     }
+
+
+def test_the_timestamp_follows_each_second_and_millisecond():
+    # The seconds part is cached per second: a later second must not reuse an earlier one.
+    assert _iso_time(1764590400.25) == "2025-12-01T12:00:00.250Z"
+    assert _iso_time(1764590401.999) == "2025-12-01T12:00:01.999Z"
+    assert _iso_time(1764590400.0) == "2025-12-01T12:00:00.000Z"
+    assert _iso_time(1764676800.5) == "2025-12-02T12:00:00.500Z"
 
 
 def test_an_exception_is_kept_in_the_line():
