@@ -227,6 +227,18 @@ run_faults() {
   done
 }
 
+# check_runbook: every non-destructive command and PromQL expression of docs/RUNBOOK.md and
+# docs/UBUNTU_DEPLOYMENT.md runs on the host and exits 0 (scripts/run_runbook.py); the
+# destructive ones are listed with the drill that covers each.
+check_runbook() {
+  local rc=0
+  python3 "$REPO_DIR/scripts/run_runbook.py" --api-key-file /root/.falcon-e2e-api-key \
+    --ssh "ssh -i $KEY -p $SSH_PORT -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5 -o BatchMode=yes root@127.0.0.1" \
+    >"$RUN_DIR/runbook.log" 2>&1 || rc=$?
+  sed 's/^/    /' "$RUN_DIR/runbook.log"
+  check "runbook: $(grep -o 'VERDICT: .*' "$RUN_DIR/runbook.log" || echo "no verdict, exit $rc")" test "$rc" -eq 0
+}
+
 check_journal() {
   ssh_cmd journalctl -u falcon-worker@8001 -o cat --no-pager -n 2000 >"$WORK/journal.txt"
   local lines
@@ -242,6 +254,37 @@ print(count)
 EOF
 )
   check "journalctl -u falcon-worker@8001 holds JSON request lines ($lines of the last 2000)" test "$lines" -gt 0
+
+  # Fields journalctl filters on (falcon_svc/journal.py): one request by id, with why it was refused.
+  local id="$SMOKE_ID-journal-422" out fields events pid since
+  post journal-422 /infer '{"text": ""}' >/dev/null || true
+  for _ in $(seq 20); do
+    out=$(ssh_cmd "journalctl -u 'falcon-worker@*' REQUEST_ID=$id -o cat --no-pager")
+    [[ -n $out ]] && break
+    sleep 0.5
+  done
+  fields=$(ssh_cmd "journalctl -u 'falcon-worker@*' REQUEST_ID=$id -o verbose --no-pager" \
+    | grep -oE '^ *(SYSLOG_IDENTIFIER|STATUS|ERROR_CODE|PRIORITY)=[^ ]*' | tr -d ' ' | sort | tr '\n' ' ')
+  say "    journalctl REQUEST_ID=$id: $out"
+  say "    its fields: $fields"
+  check "journalctl REQUEST_ID= finds the one 422 line, with its code and field" \
+    grep -q '"status": 422.*"code": "invalid_input", "field": "text"' <<<"$out"
+  check "the access line's journal fields: falcon-access, STATUS=422, ERROR_CODE=invalid_input, PRIORITY=6" \
+    test "$fields" = "ERROR_CODE=invalid_input PRIORITY=6 STATUS=422 SYSLOG_IDENTIFIER=falcon-access "
+  events=$(ssh_cmd "journalctl -u 'falcon-worker@*' -t falcon-svc -o cat --no-pager -n 500")
+  check "journalctl -t falcon-svc lists events without access lines ($(wc -l <<<"$events") lines)" \
+    bash -c '! grep -q "\"logger\": \"falcon_svc.access\"" <<<"$1" && test -n "$1"' _ "$events"
+  # An error at its priority: gunicorn's master logs a worker's SIGKILL at error.
+  since=$(ssh_cmd 'date "+%Y-%m-%d %H:%M:%S"')
+  pid=$(ssh_cmd "pgrep -P \$(systemctl show -p MainPID --value falcon-worker@8001) | sed -n 1p")
+  ssh_cmd "kill -KILL $pid"
+  for _ in $(seq 20); do
+    out=$(ssh_cmd "journalctl -u falcon-worker@8001 -p err --since '$since' -o cat --no-pager")
+    grep -q "SIGKILL" <<<"$out" && break
+    sleep 0.5
+  done
+  check "journalctl -p err shows the master's error line for a SIGKILLed worker (pid $pid)" grep -q "SIGKILL" <<<"$out"
+  ssh_cmd "until curl -fsS -m 2 http://127.0.0.1:8001/readyz >/dev/null; do sleep 0.5; done"
 }
 
 # Every target being up is check_health's; here, that Prometheus has all 7 of them.
@@ -419,6 +462,7 @@ say "== model signing";    check_model_signing
 say "== backups";          check_backup_restore
 say "== fault scripts";    run_faults
 say "== health";           check_health "after the drills"
+say "== runbook";          check_runbook
 say "== journal";          check_journal
 say "== Prometheus";       check_prometheus
 say "== Grafana files";    check_grafana_files

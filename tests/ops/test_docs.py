@@ -54,6 +54,10 @@ EXTERNAL_VARIABLES = {
     "REDISCLI_AUTH": "redis-cli takes the Redis password from it (keeps it off the command line)",
     "NOTIFY_SOCKET": "systemd's sd_notify socket (falcon_svc/systemd.py)",
     "WATCHDOG_USEC": "systemd's watchdog interval (falcon_svc/systemd.py)",
+    "REDIS_PASSWORD": "prometheus-redis-exporter's password, in its environment file (roles/exporters)",
+    "REQUEST_ID": "a journal field of each worker line: journalctl REQUEST_ID=... (docs/RUNBOOK.md)",
+    "SYSLOG_IDENTIFIER": "journald's field that `journalctl -t` matches (falcon-svc events, falcon-access lines)",
+    "ERROR_CODE": "a journal field of a worker's access line for a 4xx/5xx answer (falcon_svc/journal.py)",
 }
 # Role-prefixed names that are variables when they are Ansible's, and only then.
 ANSIBLE_PREFIXES = ("common_", "redis_", "postgresql_", "falcon_svc_", "nginx_", "node_exporter_", "exporters_")
