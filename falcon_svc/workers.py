@@ -24,7 +24,7 @@ can fix them: its own errors (a body over ``max_content_length``, a malformed re
 are HTML pages, and it answers ``Expect: 100-continue`` only after the whole body has
 arrived, which the client holds back until it gets the 100 (a 1 s stall with curl).
 ``scripts/meinheld/install.sh`` builds meinheld with our patches for both, as
-``1.0.2+falcon.2``; ``check_config`` warns when the stock build is installed.
+``1.0.2+falcon.3``; ``check_config`` warns when the stock build is installed.
 
 The same build fixes what a client can do to a worker's file descriptors: a request
 line and headers must arrive within ``header_timeout_seconds`` (upstream re-arms 30 s
@@ -32,6 +32,11 @@ on every byte, so a client dribbling its headers held a descriptor for ever), an
 worker out of descriptors (EMFILE) accepts and closes new connections, and serves
 again once some close, where upstream stopped its server and so the worker.
 Connections past ``worker_connections`` are closed at once (``set_picoev_max_fd``).
+And it makes stopping safe from a signal handler, which runs inside meinheld's accept
+loop: upstream went on accepting on the socket the handler had closed, stopped the
+server a second time and so ended its loop with requests in flight (a client reset
+during a reload), and left the closed socket in its epoll, taking wake-ups meant for
+the other workers.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from meinheld import server
 MIN_TIMEOUT_SECONDS = 3
 
 # The build of meinheld that scripts/meinheld/install.sh makes, with our C patches.
-PATCHED_MEINHELD_VERSION = "1.0.2+falcon.2"
+PATCHED_MEINHELD_VERSION = "1.0.2+falcon.3"
 
 # Seconds a connection has to send its whole request line and headers, from its
 # accept (a kept-alive connection: from its last response, so keepalive, when
@@ -310,7 +315,8 @@ class MeinheldWorker(Worker):
         The port closes once the master and every worker have closed theirs (and
         systemd has let go of its copy, on a stop for good): connections still
         queued there are reset, and nginx retries them on another unit at once,
-        rather than after this worker's in-flight requests are done.
+        rather than after this worker's in-flight requests are done. Safe only on our
+        build: upstream's accept loop went on with the closed socket (see the top).
         """
         for listener in self.sockets:
             with contextlib.suppress(OSError):

@@ -79,12 +79,12 @@ check_supply_chain() {
   check "the host has no C compiler or Python headers${compilers:+ (found: $(tr '\n' ' ' <<<"$compilers"))}" test -z "$compilers"
   ssh_cmd "$venv/bin/pip freeze" | grep -v ' @ ' | normalize_pins >"$WORK/venv-freeze.txt"
   { grep -hoE '^[A-Za-z0-9._-]+==[^ ]+' "$REPO_DIR/requirements.lock" "$REPO_DIR/requirements-nodeps.lock"
-    echo meinheld==1.0.2+falcon.2; } | normalize_pins >"$WORK/venv-locked.txt"
+    echo meinheld==1.0.2+falcon.3; } | normalize_pins >"$WORK/venv-locked.txt"
   diff "$WORK/venv-locked.txt" "$WORK/venv-freeze.txt" | sed 's/^/    /' || true
   check "the host's venv holds exactly the locked versions (pip freeze vs requirements.lock + requirements-nodeps.lock)" \
     cmp -s "$WORK/venv-locked.txt" "$WORK/venv-freeze.txt"
-  check "the host runs our patched meinheld 1.0.2+falcon.2" \
-    test "$(ssh_cmd "$venv/bin/python -c 'import importlib.metadata as m; print(m.version(\"meinheld\"))'")" = 1.0.2+falcon.2
+  check "the host runs our patched meinheld 1.0.2+falcon.3" \
+    test "$(ssh_cmd "$venv/bin/python -c 'import importlib.metadata as m; print(m.version(\"meinheld\"))'")" = 1.0.2+falcon.3
 }
 
 check_http() {

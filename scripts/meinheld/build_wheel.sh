@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the patched meinheld 1.0.2 wheel (1.0.2+falcon.2) into a directory.
+# Build the patched meinheld 1.0.2 wheel (1.0.2+falcon.3) into a directory.
 #
 # meinheld is unmaintained (last release 2020) and its wheels do not cover Python 3.11,
 # so it is built from its sdist: we verify the sdist against the hash PyPI published,
@@ -23,7 +23,7 @@ sdist_sha256=008c76937ac2117cc69e032dc69cea9f85fc605de9bac1417f447c41c16a56d6
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "meinheld: building $version+falcon.2 (patched) from the PyPI sdist" >&2
+echo "meinheld: building $version+falcon.3 (patched) from the PyPI sdist" >&2
 "$python" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation --dest "$work" \
   --require-hashes --requirement /dev/stdin "$@" <<<"meinheld==$version --hash=sha256:$sdist_sha256"
 tar -xzf "$work/meinheld-$version.tar.gz" -C "$work"
@@ -34,6 +34,7 @@ patches=(
   0002-early-100-continue.patch
   0003-local-version.patch
   0004-slow-clients-and-descriptors.patch
+  0005-drain-once-for-good.patch
 )
 for patch_file in "${patches[@]}"; do
   patch --quiet --forward --strip=1 --directory="$work/meinheld-$version" <"$here/$patch_file"
@@ -42,8 +43,8 @@ mkdir -p "$wheel_dir"
 "$python" -m pip wheel --quiet --no-deps --no-build-isolation --no-index --wheel-dir "$work/wheel" \
   "$work/meinheld-$version"
 wheel=$(find "$work/wheel" -name 'meinheld-*.whl')
-[[ $(basename "$wheel") == "meinheld-$version+falcon.2-"* ]] || {
-  echo "meinheld: built $(basename "$wheel"), not $version+falcon.2: a patch did not apply" >&2
+[[ $(basename "$wheel") == "meinheld-$version+falcon.3-"* ]] || {
+  echo "meinheld: built $(basename "$wheel"), not $version+falcon.3: a patch did not apply" >&2
   exit 1
 }
 mv "$wheel" "$wheel_dir/"

@@ -384,6 +384,81 @@ def test_sigterm_drains_a_request_still_being_uploaded(start_gunicorn: Callable[
     assert server.proc.wait(timeout=20) == 0, f"master did not exit cleanly:\n{server.log()}"
 
 
+def _listen_socket_inode(port: int) -> int:
+    """The inode of the socket listening on 127.0.0.1:port, from /proc/net/tcp."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+            return int(fields[9])
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _epoll_watched_inodes(pid: int) -> set[int]:
+    """The inodes of every file in the epoll interest lists of a process (its fdinfo)."""
+    inodes: set[int] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "anon_inode:[eventpoll]":
+                for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                    if line.startswith("tfd:"):
+                        inodes.add(int(line.split("ino:")[1].split()[0], 16))
+    return inodes
+
+
+def test_a_worker_stopped_inside_its_accept_loop_drains_and_lets_go_of_the_port(
+    start_gunicorn: Callable[..., Gunicorn], tmp_path: Path
+) -> None:
+    """SIGTERM while meinheld's accept loop runs a request: what it accepted is served, no more.
+
+    meinheld accepts up to 8 queued connections in a row and runs each request as it
+    goes, so the worker's SIGTERM handler (which stops the server and closes the
+    worker's copy of the listen socket) can run inside that loop. Our build 1.0.2+falcon.2
+    then accepted again on the closed socket, stopped the server a second time and
+    ended its loop with requests in flight: 3 reloads in 25 reset a client. And the
+    socket, closed before picoev's deferred epoll deletion, stayed in the draining
+    worker's epoll (EPOLLEXCLUSIVE), taking wake-ups meant for the other workers.
+    """
+    gate = tmp_path / "boot.gate"
+    # keepalive also times the first bytes of a connection: long enough for the test.
+    server = start_gunicorn(timeout=30, graceful_timeout=20, keepalive=10, boot_gate=gate)
+    listen_inode = _listen_socket_inode(server.port)
+
+    # Queued while the worker boots, in this order: a request whose head is not all
+    # there yet (accepted, then waited on), then /slow (run inside the accept loop).
+    partial = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    partial.sendall(b"GET /fast HTTP/1.1\r\nHost: test\r\n")
+    slow = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    try:
+        slow.request("GET", "/slow", headers={"Connection": "close"})
+        gate.touch()
+        mark = tmp_path / "slow.started"
+        _wait_for(mark.exists, within=BOOT_SECONDS, what="/slow to start")
+        draining_pid = int(mark.read_text())
+        # A reload: the master starts a new worker, then sends the old one SIGTERM,
+        # well within /slow's second.
+        server.proc.send_signal(signal.SIGHUP)
+        slow_response = slow.getresponse()
+        assert (slow_response.status, slow_response.read()) == (200, b"slow ok"), server.log()
+    finally:
+        slow.close()
+
+    # The partial request keeps the worker draining: it must be alive, out of the
+    # port's epoll wake-ups, and a replacement must serve new connections meanwhile.
+    assert _pid_alive(draining_pid), f"the worker ended its drain with a request in flight:\n{server.log()}"
+    assert listen_inode not in _epoll_watched_inodes(draining_pid), "the draining worker still watches the port"
+    assert server.wait_for_worker_other_than(draining_pid) != draining_pid
+
+    with partial:
+        partial.sendall(b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := partial.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok"), f"{answer!r}\n{server.log()}"
+    _wait_for(lambda: not _pid_alive(draining_pid), within=10, what="the drained worker to exit")
+    assert "Bad file descriptor" not in server.log(), server.log()
+
+
 # --- the stock meinheld worker: upstream defects ---------------------------------
 
 
