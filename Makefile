@@ -119,6 +119,7 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	bash scripts/bench/bench_http.sh
 	$(PY) scripts/bench/bench_full.py
 	$(PY) scripts/bench/bench_replay.py
+	$(PY) scripts/bench/bench_replay.py --rows 100000 --files 400
 	$(PY) scripts/bench/bench_wal.py
 	$(PY) scripts/bench/bench_access_log.py
 

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from falcon_svc import metrics
 from falcon_svc.requestlog.rows import COLUMNS
-from falcon_svc.requestlog.spool_files import SpooledBatch
+from falcon_svc.requestlog.spool_batches import SpooledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class PostgresWriter:
             except POISON_ERRORS as ex:
                 # NOTE: a line PostgreSQL cannot take as it is (unreadable, a NUL or a lone
                 # surrogate that _clean would fix): decode the batch and write it as rows.
-                logger.info("request-log: replaying %s as decoded rows (%s)", records.path.name, ex)
+                logger.info("request-log: replaying %s as decoded rows (%s)", records.describe(), ex)
         values = [_copy_values(record) for record in records]
         started = time.perf_counter()
         try:
@@ -169,6 +169,14 @@ class PostgresWriter:
         """Run ``SELECT 1``; raise if PostgreSQL does not answer."""
         with self._opened_pool().connection(timeout=self.pool_timeout) as conn:
             conn.execute("SELECT 1")
+
+    def warm_up(self) -> bool:
+        """Have a connection ready (a ``SELECT 1``, waiting as a write would); return whether PostgreSQL answered."""
+        try:
+            self.probe()
+        except TRANSIENT_ERRORS:
+            return False
+        return True
 
     def close(self, timeout: float = 1.0) -> None:
         """Close the pool, waiting at most ``timeout`` seconds for its threads (one may be reconnecting).

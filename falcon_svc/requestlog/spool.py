@@ -42,16 +42,15 @@ from typing import Any
 
 from falcon_svc import metrics
 from falcon_svc.logs import LogThrottle
+from falcon_svc.requestlog.spool_batches import SpooledBatch, replay_files
 from falcon_svc.requestlog.spool_files import (
     REJECTED_PREFIX,
     WAL_PREFIX,
-    SpooledBatch,
     create_locked,
     encode,
     finish,
     remove_abandoned_new_files,
     remove_rejected,
-    replay_file,
     replayable_files,
     write_rejected,
 )
@@ -309,20 +308,21 @@ class Spool:
         A file is deleted only after ``write`` returned for all its rows. An
         exception from ``write`` stops the replay and propagates; the file stays
         and is replayed again (from its start) next time. Each batch is a
-        ``SpooledBatch``: its JSON lines as they are on disk, decoded on demand.
+        ``SpooledBatch``: JSON lines as they are on disk, of one file or several,
+        decoded on demand.
 
         Returns:
             The number of rows handed to ``write`` and written.
         """
         self.seal()
-        replayed = 0
         try:
-            for path in replayable_files(self.directory):
-                if should_stop():
-                    break
-                replayed += replay_file(
-                    path, write, batch_size=batch_size, should_stop=should_stop, drop=self._count_dropped
-                )
+            replayed = replay_files(
+                replayable_files(self.directory),
+                write,
+                batch_size=batch_size,
+                should_stop=should_stop,
+                drop=self._count_dropped,
+            )
             remove_abandoned_new_files(self.directory)
         finally:
             self.size_bytes(refresh=True)

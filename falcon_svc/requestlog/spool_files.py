@@ -1,4 +1,4 @@
-"""The spool's files: their names and locks, and the JSON lines written to them and read back.
+"""The spool's files: their names and locks, and the JSON lines written to them (``spool_batches`` reads them back).
 
 Each process appends to a file of its own, ``spool-<time_ns>-<pid>-<seq>.jsonl``,
 and holds an exclusive ``flock`` on it while it is active. A file nobody holds
@@ -21,9 +21,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ REJECTED_GLOB = f"{REJECTED_PREFIX}*.jsonl"
 # NOTE: a new file is created under this prefix, locked, then renamed into place,
 # so no replayer can ever see (and delete) an active file before it is locked.
 _NEW_PREFIX = ".new-"
-# NOTE: a replayed batch also ends at this many bytes of lines, whatever its row count:
-# with LOG_REQUEST_TEXT on, rows can be large, and a batch is held in memory (twice,
-# while it is copied) by a worker that is serving requests.
-MAX_BATCH_BYTES = 16 * 2**20
-
 Record = dict[str, Any]
 
 
@@ -82,119 +77,6 @@ def finish(fd: int, path: Path | None) -> None:
         os.close(fd)
 
 
-class SpooledBatch(Sequence[Record]):
-    """A batch of spooled JSON lines, decoded into records only when someone asks for them.
-
-    NOTE: decoding costs about 9 us a row in Python and building its COPY row about 9
-    more, all of it holding the GIL the request threads need; a writer that can take
-    the lines as they are (``PostgresWriter``: COPY into a ``json`` column, parsed by
-    PostgreSQL) never decodes them, and replays about twice as fast. Every
-    line ends with a newline (a torn last line is left out by ``replay_file``), but
-    may still be unreadable: whoever stores ``lines`` directly must fail on such a
-    line, and then use the records, which skip it (``unreadable`` counts them).
-
-    ``len`` is the number of lines until the batch is decoded, then the number of
-    readable records.
-    """
-
-    def __init__(self, path: Path, first_line: int, lines: list[bytes]) -> None:
-        self.path = path
-        self.first_line = first_line
-        self.lines = lines
-        self.unreadable = 0
-        self._records: list[Record] | None = None
-
-    @property
-    def decoded(self) -> bool:
-        """Tell whether the records were asked for (and the lines parsed in Python)."""
-        return self._records is not None
-
-    @property
-    def records(self) -> list[Record]:
-        """Return the readable records, decoding the lines on first use."""
-        if self._records is None:
-            records = []
-            for number, line in enumerate(self.lines, start=self.first_line):
-                record = _decode(self.path, number, line)
-                if record is None:
-                    self.unreadable += 1
-                else:
-                    records.append(record)
-            self._records = records
-        return self._records
-
-    def __len__(self) -> int:
-        return len(self.lines) if self._records is None else len(self._records)
-
-    @overload
-    def __getitem__(self, index: int) -> Record: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Record]: ...
-    def __getitem__(self, index: int | slice) -> Record | list[Record]:
-        return self.records[index]
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(self.records)
-
-
-def replay_file(
-    path: Path,
-    write: Callable[[SpooledBatch], None],
-    *,
-    batch_size: int,
-    should_stop: Callable[[], bool],
-    drop: Callable[[int, str], None],
-) -> int:
-    """Feed one finished spool file to ``write`` in batches, then delete it; return the rows written.
-
-    A batch holds ``batch_size`` lines, or fewer adding up to ``MAX_BATCH_BYTES``.
-
-    A file another process holds is skipped (0). Unreadable lines are skipped and
-    reported to ``drop(count, reason)``. When ``should_stop`` says so between
-    batches, or ``write`` raises, the file stays, to be replayed whole next time:
-    the batches written already are written again, and stored once, because the
-    writer is idempotent (``ON CONFLICT DO NOTHING``); the file is deleted only
-    after its last batch was written, so no crash can lose a row of it.
-    """
-    fd = _lock_existing(path)
-    if fd is None:
-        return 0
-    replayed = 0
-    bad_lines = 0
-    with os.fdopen(fd, "rb") as handle:  # NOTE: closing releases the lock, after the unlink
-        lines: list[bytes] = []
-        size = 0
-        first_line = 1
-        for number, line in enumerate(handle, start=1):
-            if not line.endswith(b"\n"):
-                # NOTE: only the last line can lack its newline: a crash mid-write.
-                logger.warning("skipping truncated last line %d of %s (a crash mid-write)", number, path.name)
-                bad_lines += 1
-                break
-            lines.append(line)
-            size += len(line)
-            if len(lines) >= batch_size or size >= MAX_BATCH_BYTES:
-                replayed, bad_lines = _write_batch(write, SpooledBatch(path, first_line, lines), replayed, bad_lines)
-                first_line, lines, size = number + 1, [], 0
-                if should_stop():
-                    return replayed
-        if lines:
-            replayed, bad_lines = _write_batch(write, SpooledBatch(path, first_line, lines), replayed, bad_lines)
-        path.unlink(missing_ok=True)
-    if bad_lines:
-        drop(bad_lines, f"unreadable lines in {path.name}")
-    logger.info("replayed %d request-log rows from %s", replayed, path.name)
-    return replayed
-
-
-def _write_batch(
-    write: Callable[[SpooledBatch], None], batch: SpooledBatch, replayed: int, bad_lines: int
-) -> tuple[int, int]:
-    """Write one batch; return the running totals of rows written and unreadable lines."""
-    write(batch)
-    return replayed + len(batch), bad_lines + batch.unreadable
-
-
 def replayable_files(directory: Path) -> list[Path]:
     """Return the spool files and write-ahead segments in ``directory``, oldest first (locked ones too)."""
     paths = [*directory.glob(SPOOL_GLOB), *directory.glob(WAL_GLOB)]
@@ -210,7 +92,7 @@ def unlocked(paths: list[Path]) -> list[Path]:
     """
     found = []
     for path in paths:
-        fd = _lock_existing(path, fcntl.LOCK_SH)
+        fd = lock_existing(path, fcntl.LOCK_SH)
         if fd is not None:
             os.close(fd)
             found.append(path)
@@ -220,7 +102,7 @@ def unlocked(paths: list[Path]) -> list[Path]:
 def remove_abandoned_new_files(directory: Path) -> None:
     """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
     for path in directory.glob(f"{_NEW_PREFIX}*.jsonl"):
-        fd = _lock_existing(path)
+        fd = lock_existing(path)
         if fd is not None:
             path.unlink(missing_ok=True)
             os.close(fd)
@@ -273,7 +155,7 @@ def remove_rejected(directory: Path, *, modified_before: float, keep_bytes: int)
     return removed
 
 
-def _lock_existing(path: Path, mode: int = fcntl.LOCK_EX) -> int | None:
+def lock_existing(path: Path, mode: int = fcntl.LOCK_EX) -> int | None:
     """Open and lock ``path`` (exclusively unless told) without waiting; None if it is held or gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -289,18 +171,3 @@ def _lock_existing(path: Path, mode: int = fcntl.LOCK_EX) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _decode(path: Path, number: int, line: bytes) -> Record | None:
-    if not line.endswith(b"\n"):
-        logger.warning("skipping truncated last line %d of %s (a crash mid-write)", number, path.name)
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError:
-        logger.error("skipping unreadable line %d of %s", number, path.name)
-        return None
-    if not isinstance(record, dict):
-        logger.error("skipping line %d of %s: not a JSON object", number, path.name)
-        return None
-    return record

@@ -33,5 +33,8 @@ class Writer(Protocol):
     def probe(self) -> None:
         """Make one cheap round trip to the database; raise if it does not answer."""
 
+    def warm_up(self) -> bool:
+        """Have a connection ready before a run of writes; return whether the database answered (never raise)."""
+
     def close(self, timeout: float = 1.0) -> None:
         """Release the connections (also safe when never opened), waiting at most ``timeout`` seconds."""

@@ -81,7 +81,8 @@ def fill(spool: Spool, rows: int, files: int) -> None:
     per_file = -(-rows // files)
     for first in range(0, rows, per_file):
         for chunk in range(first, min(first + per_file, rows), 100):
-            spool.append([row_record(spooled_row(i, started)) for i in range(chunk, min(chunk + 100, rows))])
+            end = min(chunk + 100, first + per_file, rows)
+            spool.append([row_record(spooled_row(i, started)) for i in range(chunk, end)])
         spool.seal()
 
 

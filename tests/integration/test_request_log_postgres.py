@@ -613,7 +613,8 @@ def test_a_crash_after_a_batch_commits_replays_it_again_without_duplicates(dsn: 
 def test_lines_postgres_cannot_parse_as_they_are_are_decoded_cleaned_or_skipped(
     dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Each file is a batch of its own: PostgreSQL refuses each as raw lines for a different reason.
+    # Each file is replayed in a pass of its own (a pass would put them in one batch):
+    # PostgreSQL refuses each as raw lines for a different reason.
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     now = time.time()
@@ -626,13 +627,13 @@ def test_lines_postgres_cannot_parse_as_they_are_are_decoded_cleaned_or_skipped(
         line("surrogate", "x\ud800y") + b"\n",  # a lone surrogate is not JSON PostgreSQL accepts
         line("kept", "k") + b"\nnot json at all\n" + b'{"log_id": "torn',  # an unreadable line, a torn last line
     ]
-    for number, data in enumerate(files, start=1):
-        (spool_dir / f"spool-{number:020d}-1-000001.jsonl").write_bytes(data)
     dropped_before = rows_total("dropped")
     replayer, writer = replayer_over(dsn, Spool(spool_dir, max_bytes=10**7))
     try:
-        with caplog.at_level(logging.INFO, logger=WRITER_LOGGER):
-            replayer.replay_once()
+        for number, data in enumerate(files, start=1):
+            (spool_dir / f"spool-{number:020d}-1-000001.jsonl").write_bytes(data)
+            with caplog.at_level(logging.INFO, logger=WRITER_LOGGER):
+                replayer.replay_once()
     finally:
         writer.close()
     assert len(decoded_fallbacks(caplog)) == 3, "each file should first be tried as raw lines, then decoded"
@@ -643,3 +644,18 @@ def test_lines_postgres_cannot_parse_as_they_are_are_decoded_cleaned_or_skipped(
     assert stored == expected, stored
     assert rows_total("dropped") - dropped_before == 2, "the unreadable line and the torn last line are dropped"
     assert list(spool_dir.glob(SPOOL_GLOB)) == [] and list(spool_dir.glob(REJECTED_GLOB)) == []
+
+
+def test_warm_up_says_whether_postgres_answered_and_never_raises(dsn: str, postgres: PostgresServer) -> None:
+    # The replayer warms the pool up before it times a pass, and skips a pass that
+    # could only fail.
+    writer = PostgresWriter(dsn, pool_timeout=0.5, connect_timeout=1)
+    writer.open()
+    try:
+        assert writer.warm_up() is True
+        with outage(postgres):
+            assert writer.warm_up() is False
+            with pytest.raises(psycopg.OperationalError):
+                writer.probe()
+    finally:
+        writer.close()

@@ -56,6 +56,8 @@ class FakeWriter:
         self.calls: list[Call] = []
         self.stored: list[list[str]] = []  # the log_ids of each successful write, in order
         self.probes = 0
+        self.warm_ups = 0
+        self.answers_warm_up = True
         self.opened = self.closed = False
         self.failing: BaseException | None = None  # every write and probe raises it while set
         self.script: deque[BaseException | None] = deque()  # the next attempts' outcomes, before `failing`
@@ -94,6 +96,14 @@ class FakeWriter:
         error = self._outcome()
         if error is not None:
             raise error
+
+    def warm_up(self) -> bool:
+        # NOTE: counted, but it takes no scripted outcome (the tests script the writes):
+        # the pass goes ahead and meets whatever the writes are to meet.
+        with self._changed:
+            self.warm_ups += 1
+            self._changed.notify_all()
+        return self.answers_warm_up
 
     def close(self, timeout: float = 1.0) -> None:
         self.closed = True

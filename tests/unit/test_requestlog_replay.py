@@ -83,6 +83,18 @@ def test_spooled_rows_are_replayed_counted_and_removed(logs, writer, spool):
     assert rows_total("replayed") - replayed == 3
     assert records_on_disk(spool.directory) == [], "a replayed file is deleted"
     assert log.status()["postgres"] == "up"
+    # The pass got a connection ready before its clock started (so its rows/s are the
+    # replay's, not a reconnecting pool's), and that was no trial call.
+    assert writer.warm_ups >= 1 and writer.probes == 0, (writer.warm_ups, writer.probes)
+
+
+def test_no_pass_starts_without_a_connection(logs, writer, spool):
+    # A worker started during an outage has a closed breaker: its passes could only fail.
+    writer.answers_warm_up = False
+    replaying(logs, writer, spool, CircuitBreaker("postgres"))
+    writer.wait_until(lambda w: w.warm_ups >= 2, "the replayer tries again")
+    assert spool.replays == 0 and writer.calls == [], "a pass without a connection"
+    assert records_on_disk(spool.directory) != [], "the rows wait in the spool"
 
 
 def test_an_open_breaker_leaves_the_spool_alone(logs, writer, spool):
@@ -115,6 +127,7 @@ def test_a_successful_probe_closes_the_breaker_and_the_spool_is_replayed(logs, w
     writer.wait_until(lambda w: w.stored, "the spool is replayed after the probe")
     assert writer.probes == 1 and breaker.state is State.CLOSED
     assert writer.stored == [["log-0", "log-1", "log-2"]]
+    assert writer.warm_ups == 0, "the trial call's round trip was the warm-up"
 
 
 def test_no_probe_while_another_caller_holds_the_half_open_trial(logs, writer, spool):

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from falcon_svc.requestlog import spool_files
+from falcon_svc.requestlog import spool_batches
 from falcon_svc.requestlog.spool import Spool
-from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB, SpooledBatch, encode
+from falcon_svc.requestlog.spool_batches import SpooledBatch
+from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB, encode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -352,12 +353,16 @@ class RawWriter:
     It can crash right after a batch "commits" (``crash_after``), before replay is done with the file.
     """
 
-    def __init__(self, crash_after: int | None = None) -> None:
+    def __init__(self, crash_after: int | None = None, directory: Path | None = None) -> None:
         self.stored: dict[str, int] = {}  # request_id -> times written
         self.batches: list[SpooledBatch] = []
+        self.files_seen: list[list[str]] = []  # the spool files on disk as each batch was written
         self._crash_after = crash_after
+        self._directory = directory
 
     def __call__(self, batch: SpooledBatch) -> None:
+        if self._directory is not None:
+            self.files_seen.append(sorted(path.name for path in self._directory.glob(SPOOL_GLOB)))
         for line in batch.lines:
             request_id = json.loads(line)["request_id"]
             self.stored[request_id] = self.stored.get(request_id, 0) + 1
@@ -370,18 +375,67 @@ class RawWriter:
         return sorted(self.stored, key=lambda request_id: int(request_id[1:]))
 
 
-def test_a_batch_boundary_inside_a_file_gives_its_rest_a_batch_and_no_batch_spans_two_files(spool: Spool) -> None:
-    spool.append(records(0, 5))
-    spool.seal()
-    spool.append(records(5, 8))
+def spool_files_of(spool: Spool, *sizes: int) -> list[str]:
+    """Spool files of ``sizes`` rows each, numbered on from r0; return their names, oldest first."""
+    start = 0
+    for size in sizes:
+        spool.append(records(start, start + size))
+        spool.seal()
+        start += size
+    return sorted(path.name for path in spool.directory.glob(SPOOL_GLOB))
+
+
+def test_small_files_share_a_batch_and_a_boundary_inside_a_file_gives_its_rest_to_the_next(spool: Spool) -> None:
+    # An outage leaves a segment per process every 10 s: one transaction per file was
+    # what held the e2e host's replay under 20,000 rows/s.
+    first, second, third = spool_files_of(spool, 3, 2, 4)
     writer = RawWriter()
-    assert spool.replay(writer, batch_size=2) == 8
-    shapes = [
-        (batch.path.name == writer.batches[0].path.name, batch.first_line, len(batch)) for batch in writer.batches
-    ]
-    assert shapes == [(True, 1, 2), (True, 3, 2), (True, 5, 1), (False, 1, 2), (False, 3, 1)], shapes
-    assert writer.distinct() == [f"r{i}" for i in range(8)]
+    assert spool.replay(writer, batch_size=4) == 9
+    shapes = [[(path.name, first_line, count) for path, first_line, count in batch.parts] for batch in writer.batches]
+    assert shapes == [
+        [(first, 1, 3), (second, 1, 1)],
+        [(second, 2, 1), (third, 1, 3)],
+        [(third, 4, 1)],
+    ], shapes
+    assert writer.distinct() == [f"r{i}" for i in range(9)]
     assert not any(batch.decoded for batch in writer.batches), "a writer of raw lines must not pay for decoding"
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+
+
+def test_a_file_is_deleted_only_once_the_batch_holding_its_last_line_is_written(spool: Spool) -> None:
+    first, second, third = spool_files_of(spool, 3, 2, 4)
+    writer = RawWriter(directory=spool.directory)
+    assert spool.replay(writer, batch_size=4) == 9
+    assert writer.files_seen == [[first, second, third], [second, third], [third]], writer.files_seen
+
+
+def test_a_crash_mid_replay_keeps_every_file_not_yet_whole_in_postgres_and_each_row_lands_once(spool: Spool) -> None:
+    _first, second, third = spool_files_of(spool, 3, 2, 4)
+    crashing = RawWriter(crash_after=2)
+    with pytest.raises(ConnectionError):
+        spool.replay(crashing, batch_size=4)
+    # The second batch "committed" (r3..r7), but the crash came before its files were done with.
+    assert sorted(path.name for path in spool.directory.glob(SPOOL_GLOB)) == [second, third]
+
+    assert spool.replay(crashing, batch_size=4) == 6
+    assert crashing.distinct() == [f"r{i}" for i in range(9)], "a row was lost"
+    assert [request_id for request_id, times in crashing.stored.items() if times > 1] == ["r3", "r4", "r5", "r6", "r7"]
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+
+
+def test_a_stop_between_files_writes_no_half_filled_batch_and_keeps_its_files(spool: Spool) -> None:
+    names = spool_files_of(spool, 2, 2, 2)
+    asked = []
+
+    def stop_at_the_third_file() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    writer = RawWriter()
+    assert spool.replay(writer, batch_size=100, should_stop=stop_at_the_third_file) == 0
+    assert writer.batches == []
+    assert sorted(path.name for path in spool.directory.glob(SPOOL_GLOB)) == names
+    assert spool.replay(writer, batch_size=100) == 6, "the files were left locked"
 
 
 def test_a_torn_last_line_right_after_a_batch_boundary_writes_no_empty_batch(spool: Spool) -> None:
@@ -416,7 +470,8 @@ def test_a_crash_between_a_batch_commit_and_the_file_s_end_replays_it_again_and_
 
 def test_a_batch_is_decoded_only_when_its_records_are_asked_for_and_skips_unreadable_lines(tmp_path: Path) -> None:
     lines = [encode({"request_id": "a"}), b"not json\n", b"[1, 2]\n", encode({"request_id": "b"})]
-    batch = SpooledBatch(tmp_path / "spool-x.jsonl", 7, lines)
+    batch = SpooledBatch()
+    batch.add(tmp_path / "spool-x.jsonl", 7, lines)
     assert not batch.decoded and len(batch) == 4, "before decoding, len counts lines"
     assert [record["request_id"] for record in batch] == ["a", "b"]
     assert batch.decoded and len(batch) == 2 and batch.unreadable == 2
@@ -427,16 +482,20 @@ def test_unreadable_lines_found_when_a_batch_is_decoded_are_dropped_and_counted(
     spool.directory.mkdir(parents=True)
     path = spool.directory / "spool-00000000000000000001-999999-000001.jsonl"
     path.write_bytes(encode({"request_id": "a"}) + b"garbage\n" + encode({"request_id": "b"}))
+    # A second file in the same batch: its unreadable line is its own.
+    other = spool.directory / "spool-00000000000000000002-999999-000001.jsonl"
+    other.write_bytes(b"[1]\n" + encode({"request_id": "c"}))
     dropped_before = rows_total("dropped")
     writer = Collector()  # decodes every batch, as PostgresWriter does when PostgreSQL refuses the raw lines
-    assert spool.replay(writer, batch_size=10) == 2
-    assert writer.ids == ["a", "b"]
-    assert rows_total("dropped") - dropped_before == 1
+    assert spool.replay(writer, batch_size=10) == 3
+    assert writer.ids == ["a", "b", "c"] and len(writer.batches) == 1
+    assert rows_total("dropped") - dropped_before == 2
+    # NOTE: the "dropped" log lines are throttled; the metric counts every row.
 
 
 def test_a_batch_of_large_rows_ends_at_its_byte_bound(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     line_bytes = len(encode({"request_id": "r0", "n": 0}))
-    monkeypatch.setattr(spool_files, "MAX_BATCH_BYTES", 3 * line_bytes)
+    monkeypatch.setattr(spool_batches, "MAX_BATCH_BYTES", 3 * line_bytes)
     spool.append(records(0, 7))
     writer = RawWriter()
     assert spool.replay(writer, batch_size=100) == 7
