@@ -11,7 +11,11 @@ route, or from another client, is another key. Later, under the same scoped key:
 - same key, other fingerprint (another body, or the same body with another
   Content-Type): 422, nothing computed;
 - same key while the first is still in flight: 409 with ``Retry-After: 1``
-  (chosen over waiting: a sync worker that waits holds a whole process);
+  (chosen over waiting: a sync worker that waits holds a whole process); but
+  nginx's own retry of the same client request (the unit it first went to died
+  mid-request, SIGKILL or OOM, after claiming the key) takes the claim over, by
+  nginx's per-request id (``attempt``): the client sent the request once, and
+  must not get a 409 for a retry it never made;
 - Redis down or its breaker open: the request proceeds without idempotency, and
   ``Idempotency-Status: unavailable`` plus a metric say so.
 
@@ -62,9 +66,21 @@ KEY_PREFIX = "falcon:idem2"
 _REDIS_ERRORS = (redis.RedisError,)
 
 # Claim the key if free (returns nil), else return what is stored: one round trip.
+# A pending claim made by an earlier attempt at this very client request (ARGV[3]:
+# nginx's request id, the same on each unit nginx tries; ARGV[4]: the fingerprint)
+# is taken over too: that attempt's unit failed, or nginx would not have retried.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-return redis.call('GET', KEYS[1])
+local current = redis.call('GET', KEYS[1])
+if ARGV[3] ~= '' and current then
+  local ok, record = pcall(cjson.decode, current)
+  if ok and type(record) == 'table' and record['state'] == 'pending'
+      and record['attempt'] == ARGV[3] and record['fp'] == ARGV[4] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return false
+  end
+end
+return current
 """
 # Store the response only if the claim is still ours (it may have expired).
 _COMPLETE = """
@@ -216,16 +232,24 @@ class IdempotencyStore:
         # NOTE: bound once: .labels() takes a lock and a dict lookup per call.
         self._claim_latency = metrics.DEPENDENCY_LATENCY.labels("redis", "idempotency_claim")
 
-    def begin(self, key: str, request_fingerprint: str) -> Claim:
-        """Claim ``key`` (already scoped: ``scoped_key``) or report what is already stored under it."""
+    def begin(self, key: str, request_fingerprint: str, attempt_of: str = "") -> Claim:
+        """Claim ``key`` (already scoped: ``scoped_key``) or report what is already stored under it.
+
+        ``attempt_of`` names the client request this is an attempt at (nginx's request
+        id, ``req.context.proxy_log_id``): a claim still pending under the same name
+        and fingerprint was made by an attempt nginx gave up on, and is taken over.
+        """
         if self._client is None:
             return self._unavailable()
         token = os.urandom(8).hex()
-        pending = json.dumps({"state": "pending", "fp": request_fingerprint, "token": token})
+        record = {"state": "pending", "fp": request_fingerprint, "token": token}
+        if attempt_of:
+            record["attempt"] = attempt_of
+        pending = json.dumps(record)
         redis_key = f"{self._prefix}:{key}"
         attempt = guarded_call(
             self._breaker,
-            lambda: self._claim(keys=[redis_key], args=[pending, self._lock]),
+            lambda: self._claim(keys=[redis_key], args=[pending, self._lock, attempt_of, request_fingerprint]),
             errors=_REDIS_ERRORS,
             latency=self._claim_latency,
         )

@@ -74,7 +74,10 @@ class IdempotencyMiddleware:
         request_fingerprint = fingerprint(
             req.method, req.path, req.content_type, raw, header_length=req.get_header(HEADER_LENGTH_HEADER)
         )
-        claim = self._store.begin(scoped_key(req.path, client_scope, key), request_fingerprint)
+        # NOTE: nginx's request id, the same on each unit it tries: a retry of this
+        # request after a unit died holding the claim takes the claim over.
+        attempt_of = req.context.get("proxy_log_id") or ""
+        claim = self._store.begin(scoped_key(req.path, client_scope, key), request_fingerprint, attempt_of)
         if claim.outcome is Outcome.FIRST:
             req.context.idempotency_claim = claim
         elif claim.outcome is Outcome.UNAVAILABLE:

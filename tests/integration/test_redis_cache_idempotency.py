@@ -237,6 +237,26 @@ class TestIdempotency:
         assert result.status_code == 400, result.text
         assert result.json["error"]["code"] == "invalid_idempotency_key"
 
+    def test_a_retry_through_nginx_of_a_request_whose_unit_died_is_answered(self, redis_settings, model, redis_server):
+        client, _ = build(redis_settings, model)
+        proxied = f"{'d' * 32} {time.time():.3f}"
+        headers = {**JSON, "X-Idempotency-Key": "order-13", "X-Falcon-Proxy-Request": proxied}
+        body = json.dumps({"text": "charge my card"})
+        # The first attempt claimed the key, as the middleware does, and its unit died.
+        first = client.simulate_post("/infer", body=body, headers=headers)
+        assert first.status_code == 200
+        raw = redis.Redis.from_url(redis_server.url)
+        (key,) = raw.keys(f"{KEY_PREFIX}:*")
+        done = json.loads(raw.get(key))
+        raw.set(key, json.dumps({"state": "pending", "fp": done["fp"], "token": "dead", "attempt": "d" * 32}))
+
+        retried = client.simulate_post("/infer", body=body, headers=headers)
+        assert retried.status_code == 200, retried.text
+        other = {**headers, "X-Falcon-Proxy-Request": f"{'e' * 32} {time.time():.3f}"}
+        raw.set(key, json.dumps({"state": "pending", "fp": done["fp"], "token": "live", "attempt": "d" * 32}))
+        conflict = client.simulate_post("/infer", body=body, headers=other)
+        assert conflict.status_code == 409, "another client request under the key still waits for the first"
+
     def test_failed_request_releases_the_key(self, redis_settings, model):
         client, _ = build(redis_settings, model)
         assert infer(client, "   ", key="order-4").status_code == 422
@@ -355,6 +375,26 @@ class TestIdempotencyStore:
         breaker.record_failure()
         store.complete(completed, 200, b"{}", {})
         assert json.loads(raw.get(completed.key))["state"] == "done", "the completion must go through an open breaker"
+
+    def test_nginx_s_retry_of_the_same_request_takes_over_a_claim_its_dead_first_attempt_left(self, redis_server):
+        # A unit SIGKILLed after claiming the key: nginx sends the same client request
+        # (the same request id) to another unit, which must not answer 409.
+        store = self.store(redis_server)
+        attempt = "a" * 32
+        dead = store.begin("order-12", "fp", attempt_of=attempt)
+        assert dead.outcome is Outcome.FIRST
+        assert store.begin("order-12", "fp", attempt_of="b" * 32).outcome is Outcome.CONFLICT, "another request"
+        assert store.begin("order-12", "fp").outcome is Outcome.CONFLICT, "a request that came without nginx"
+        assert store.begin("order-12", "other fp", attempt_of=attempt).outcome is Outcome.MISMATCH
+
+        retry = store.begin("order-12", "fp", attempt_of=attempt)
+        assert retry.outcome is Outcome.FIRST and retry.token != dead.token, retry
+        store.complete(dead, 200, b'{"from": "dead"}', {})  # it was not dead after all: too late
+        assert store.begin("order-12", "fp", attempt_of="c" * 32).outcome is Outcome.CONFLICT
+        store.complete(retry, 200, b'{"from": "retry"}', {})
+        again = store.begin("order-12", "fp", attempt_of=attempt)
+        assert again.outcome is Outcome.REPLAYED and again.stored is not None, "a done answer is never recomputed"
+        assert again.stored["body"] == '{"from": "retry"}', again.stored
 
     def test_a_late_finisher_does_not_overwrite_the_next_claim(self, redis_server):
         store = self.store(redis_server)

@@ -221,7 +221,7 @@ class FakeStore:
         self.completed: list[tuple[Claim, int, bytes, dict[str, str]]] = []
         self.released: list[Claim] = []
 
-    def begin(self, key: str, request_fingerprint: str) -> Claim:
+    def begin(self, key: str, request_fingerprint: str, attempt_of: str = "") -> Claim:
         self.begun.append((key, request_fingerprint))
         return self.claim
 
