@@ -39,6 +39,8 @@ REJECTED_GLOB = f"{REJECTED_PREFIX}*.jsonl"
 # NOTE: a new file is created under this prefix, locked, then renamed into place,
 # so no replayer can ever see (and delete) an active file before it is locked.
 _NEW_PREFIX = ".new-"
+# A creator renames its ``.new-`` file within microseconds; one this old was abandoned.
+ABANDONED_AFTER_SECONDS = 60.0
 Record = dict[str, Any]
 
 
@@ -99,9 +101,21 @@ def unlocked(paths: list[Path]) -> list[Path]:
     return found
 
 
-def remove_abandoned_new_files(directory: Path) -> None:
-    """Delete ``.new-`` files left by a crash between create and rename (always empty)."""
+def remove_abandoned_new_files(directory: Path, *, now: float | None = None) -> None:
+    """Delete ``.new-`` files left by a crash between create and rename (always empty).
+
+    Only those older than ``ABANDONED_AFTER_SECONDS``: a ``.new-`` file is unlocked
+    between its creation and its creator's ``flock``, and deleting it then made
+    ``create_locked`` fail in a worker starting up while another replayed, whose
+    rows went unjournaled until it tried again (99 lost to a SIGKILL in CI).
+    """
+    cutoff = (time.time() if now is None else now) - ABANDONED_AFTER_SECONDS
     for path in directory.glob(f"{_NEW_PREFIX}*.jsonl"):
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:
+            continue
         fd = lock_existing(path)
         if fd is not None:
             path.unlink(missing_ok=True)

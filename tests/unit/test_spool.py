@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from falcon_svc.requestlog import spool_batches
+from falcon_svc.requestlog import spool_batches, spool_files
 from falcon_svc.requestlog.spool import Spool
 from falcon_svc.requestlog.spool_batches import SpooledBatch
 from falcon_svc.requestlog.spool_files import REJECTED_GLOB, SPOOL_GLOB, encode
@@ -204,12 +205,19 @@ def test_empty_files_are_not_left_behind(spool: Spool) -> None:
     assert list(spool.directory.iterdir()) == []
 
 
-def test_an_abandoned_new_file_is_cleaned_up(spool: Spool) -> None:
+def test_an_abandoned_new_file_is_cleaned_up_but_not_one_being_created(spool: Spool) -> None:
     spool.directory.mkdir(parents=True)
     leftover = spool.directory / ".new-spool-00000000000000000001-999999-000001.jsonl"
     leftover.write_bytes(b"")
+    old = time.time() - spool_files.ABANDONED_AFTER_SECONDS - 1
+    os.utime(leftover, (old, old))
+    # Another process's file between its creation and its flock (unlocked for an instant):
+    # deleting it made that process's create_locked fail, and its rows went unjournaled.
+    being_created = spool.directory / ".new-wal-00000000000000000002-999998-000001.jsonl"
+    being_created.write_bytes(b"")
     spool.replay(Collector(), batch_size=10)
     assert not leftover.exists()
+    assert being_created.exists()
 
 
 OTHER_WORKER = textwrap.dedent(
