@@ -69,10 +69,12 @@ _REDIS_ERRORS = (redis.RedisError,)
 # A pending claim made by an earlier attempt at this very client request (ARGV[3]:
 # nginx's request id, the same on each unit nginx tries; ARGV[4]: the fingerprint)
 # is taken over too: that attempt's unit failed, or nginx would not have retried.
+# NOTE: only a pending record is decoded (json.dumps keeps "state" first): a done one
+# may hold a 256 KiB answer, and decoding it on every replay would cost Redis's thread.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
 local current = redis.call('GET', KEYS[1])
-if ARGV[3] ~= '' and current then
+if ARGV[3] ~= '' and current and string.find(current, '{"state": "pending"', 1, true) == 1 then
   local ok, record = pcall(cjson.decode, current)
   if ok and type(record) == 'table' and record['state'] == 'pending'
       and record['attempt'] == ARGV[3] and record['fp'] == ARGV[4] then

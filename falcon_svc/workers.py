@@ -293,9 +293,10 @@ class MeinheldWorker(Worker):
 
         NOTE: handlers only record: server.stop() just stops accepting and arms a
         timer in the loop. Before the loop runs it is a no-op, and _on_loop_start
-        repeats it. It must not run twice: meinheld's kill_server() (server.c) is not
-        idempotent, each call unregisters the listen sockets and decrements its count
-        of live events again, which can end the loop while requests are in flight.
+        repeats it. Once is enough: upstream's kill_server() (server.c) unregistered
+        the listen sockets and decremented its count of live events on every call,
+        which could end the loop while requests were in flight (our build, patch 0005,
+        makes it idempotent; the first call still decides the grace).
         """
         self.alive = False
         if self._shutdown_grace is not None:

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 # with LOG_REQUEST_TEXT on, rows can be large, and a batch is held in memory (twice,
 # while it is copied) by a worker that is serving requests.
 MAX_BATCH_BYTES = 16 * 2**20
+# NOTE: and at this many files: each stays open (and locked) until the batch holding
+# its last line is written, and a quiet outage leaves segments of a few rows each, so
+# a 10,000-line batch could otherwise hold a thousand descriptors (EMFILE at 1,024,
+# and the pass never got past it).
+MAX_BATCH_FILES = 128
 
 
 class SpooledBatch(Sequence[Record]):
@@ -158,6 +163,11 @@ class _Batcher:
         file.read_whole = True
         return True
 
+    def make_room(self) -> None:
+        """Write the batch now if it holds ``MAX_BATCH_FILES`` files, before another is opened."""
+        if len(self._open) >= MAX_BATCH_FILES:
+            self.flush()
+
     def _take(self, file: _ReplayedFile, first_line: int, lines: list[bytes]) -> None:
         self._batch.add(file.path, first_line, lines)
         file.lines += len(lines)
@@ -205,6 +215,7 @@ def replay_files(
         for path in paths:
             if should_stop():
                 return batcher.replayed
+            batcher.make_room()
             fd = lock_existing(path)
             if fd is None:
                 continue

@@ -34,7 +34,10 @@ class Writer(Protocol):
         """Make one cheap round trip to the database; raise if it does not answer."""
 
     def warm_up(self) -> bool:
-        """Have a connection ready before a run of writes; return whether the database answered (never raise)."""
+        """Have a connection ready before a run of writes; return whether the database answered.
+
+        The writer's transient errors mean False; anything else is a bug, and propagates.
+        """
 
     def close(self, timeout: float = 1.0) -> None:
         """Release the connections (also safe when never opened), waiting at most ``timeout`` seconds."""

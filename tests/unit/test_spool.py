@@ -410,6 +410,17 @@ def test_small_files_share_a_batch_and_a_boundary_inside_a_file_gives_its_rest_t
     assert list(spool.directory.glob(SPOOL_GLOB)) == []
 
 
+def test_a_batch_holds_at_most_max_batch_files_files_open(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A quiet outage leaves many segments of a few rows: held open until their batch is
+    # written, a thousand of them ran a worker out of descriptors (EMFILE) for good.
+    monkeypatch.setattr(spool_batches, "MAX_BATCH_FILES", 3)
+    spool_files_of(spool, 1, 1, 1, 1, 1, 1, 1)
+    writer = RawWriter()
+    assert spool.replay(writer, batch_size=100) == 7
+    assert [len(batch.parts) for batch in writer.batches] == [3, 3, 1]
+    assert list(spool.directory.glob(SPOOL_GLOB)) == []
+
+
 def test_a_file_is_deleted_only_once_the_batch_holding_its_last_line_is_written(spool: Spool) -> None:
     first, second, third = spool_files_of(spool, 3, 2, 4)
     writer = RawWriter(directory=spool.directory)
@@ -443,7 +454,7 @@ def test_a_stop_between_files_writes_no_half_filled_batch_and_keeps_its_files(sp
     assert spool.replay(writer, batch_size=100, should_stop=stop_at_the_third_file) == 0
     assert writer.batches == []
     assert sorted(path.name for path in spool.directory.glob(SPOOL_GLOB)) == names
-    assert spool.replay(writer, batch_size=100) == 6, "the files were left locked"
+    assert spool.replay(writer, batch_size=100) == 6, "the files were not released"
 
 
 def test_a_torn_last_line_right_after_a_batch_boundary_writes_no_empty_batch(spool: Spool) -> None:
