@@ -157,13 +157,13 @@ check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometh
 e2e-up: e2e-system-deps $(DEPLOY_STAMP)  ## Boot and provision the nspawn host, leave it running, print ssh and URL
 	bash scripts/e2e.sh up
 
-e2e-check:  ## Run the end-to-end checks and fault scripts against the running e2e host
+e2e-check: $(STAMP)  ## Run the end-to-end checks and fault scripts against the running e2e host
 	bash scripts/e2e_checks.sh
 
 e2e-down:  ## Shut the nspawn host down
 	bash scripts/e2e.sh down
 
-e2e: e2e-system-deps $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
+e2e: e2e-system-deps $(STAMP) $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
 
 mutation: $(STAMP)  ## Mutation testing of the core modules against the unit tests (slow; not in CI)

@@ -43,6 +43,7 @@ import redis
 
 from falcon_svc import metrics
 from falcon_svc.errors import APIError
+from falcon_svc.logs import LogThrottle
 from falcon_svc.resilience import CircuitBreaker, guarded_call
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ _VALID_CLIENT_SCOPE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 KEY_PREFIX = "falcon:idem2"
 # Anything else a Redis call raises is a bug, and propagates.
 _REDIS_ERRORS = (redis.RedisError,)
+# One warning per minute at most for answers Redis did not store (IdempotencyStore.complete).
+_UNRECORDED_LOG = LogThrottle(60.0)
 
 # Claim the key if free (returns nil), else return what is stored: one round trip.
 # A pending claim made by an earlier attempt at this very client request (ARGV[3]:
@@ -92,9 +95,14 @@ if current and cjson.decode(current)['token'] == ARGV[2] then
 end
 return false
 """
+# NOTE: only a pending claim is freed: a completion that timed out on our side
+# may have been applied by Redis all the same, and its answer must stay.
 _RELEASE = """
 local current = redis.call('GET', KEYS[1])
-if current and cjson.decode(current)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if current then
+  local record = cjson.decode(current)
+  if record['token'] == ARGV[1] and record['state'] == 'pending' then return redis.call('DEL', KEYS[1]) end
+end
 return 0
 """
 
@@ -280,17 +288,30 @@ class IdempotencyStore:
             # An OIP reply with binary tensors; JSON cannot hold its bytes as they are.
             stored["body_base64"] = base64.b64encode(body).decode("ascii")
         record = json.dumps(stored)
-        self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl]))
+        if self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl])):
+            return
+        # NOTE: the claim would answer 409 to every retry for IDEMPOTENCY_LOCK_SECONDS;
+        # freed, a retry runs again (the same answer: classification has no side effect
+        # but its log row). Counted and said, thinned under load.
+        released = self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
+        metrics.IDEMPOTENCY.labels("unrecorded").inc()
+        events = _UNRECORDED_LOG.admit()
+        if events is not None:
+            logger.warning(
+                "idempotency: %d answers not stored in Redis (claim %s); a retry of those keys runs again",
+                events,
+                "released" if released else "left pending until IDEMPOTENCY_LOCK_SECONDS",
+            )
 
     def release(self, claim: Claim) -> None:
         """Free a claim whose request failed, so the client may retry it."""
         self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
 
-    def _quietly(self, call: Callable[[], object]) -> None:
+    def _quietly(self, call: Callable[[], object]) -> bool:
+        """Make one bounded Redis call; return whether it succeeded (a failure is recorded on the breaker)."""
         # NOTE: not refused by an open breaker: a claim left pending would answer
-        # 409 for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap. A
-        # failure is recorded on the breaker and otherwise dropped.
-        guarded_call(self._breaker, call, errors=_REDIS_ERRORS, ask_breaker=False)
+        # 409 for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap.
+        return guarded_call(self._breaker, call, errors=_REDIS_ERRORS, ask_breaker=False).ok
 
     def _unavailable(self) -> Claim:
         return self._counted(Claim(Outcome.UNAVAILABLE))

@@ -93,7 +93,8 @@ CACHE_ERRORS = Counter(
 )
 IDEMPOTENCY = Counter(
     "falcon_idempotency_requests_total",
-    "Requests carrying X-Idempotency-Key, by outcome (first, replayed, conflict, mismatch, unavailable).",
+    "Requests carrying X-Idempotency-Key, by outcome (first, replayed, conflict, mismatch, unavailable;"
+    " unrecorded: an answer Redis did not store).",
     ["outcome"],
 )
 CIRCUIT_STATE = Gauge(

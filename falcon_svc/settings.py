@@ -32,6 +32,9 @@ WORKER_CLASSES = {
     "meinheld": "falcon_svc.workers.MeinheldWorker",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Which requests get the worker's JSON access line (falcon_svc/middleware/context.py):
+# every one, only answers >= 400, or none (nginx's JSON access log has every request).
+ACCESS_LOG_MODES = ("all", "errors", "off")
 # What a power cut can lose of the request log's write-ahead file (falcon_svc/requestlog/wal.py).
 LOG_FSYNC_MODES = ("off", "interval", "always")
 _TRUE = {"1", "true", "yes", "on"}
@@ -109,17 +112,26 @@ def _setting(
     minimum: int | None = None,
     maximum: int | None = None,
     choices: tuple[str, ...] | None = None,
+    aliases: Mapping[str, str] | None = None,
     check: Callable[[str, T], None] | None = None,
     secret: bool = False,
 ) -> T:
     """Declare a setting's default and what ``from_env`` accepts for it.
 
     ``minimum``/``maximum`` bound an ``int`` (both required); ``choices`` are the
-    lower-case values a ``str`` may take, in any case; ``check(key, value)`` runs on
+    lower-case values a ``str`` may take, in any case, and ``aliases`` older spellings of
+    them (a value once a boolean keeps working); ``check(key, value)`` runs on
     the final value, default included, once every key has parsed. A ``secret`` is
     never shown by ``describe``.
     """
-    rules = {"minimum": minimum, "maximum": maximum, "choices": choices, "check": check, "secret": secret or None}
+    rules = {
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "aliases": aliases,
+        "check": check,
+        "secret": secret or None,
+    }
     return dataclasses.field(default=default, metadata={name: rule for name, rule in rules.items() if rule is not None})
 
 
@@ -179,7 +191,7 @@ class Settings:
     # Identity and logs
     instance_name: str = dataclasses.field(default_factory=socket.gethostname)
     log_level: str = _setting("info", choices=LOG_LEVELS)
-    access_log: bool = True
+    access_log: str = _setting("all", choices=ACCESS_LOG_MODES, aliases={"true": "all", "false": "off"})
     # Internal endpoints: who sees /metrics and the detail of /readyz and /v1/models (falcon_svc/access.py)
     metrics_allowed_networks: str = _setting("127.0.0.0/8,::1/128", check=_check_networks)
     # API keys (falcon_svc/auth): the key file; empty: no authentication (``make run``)
@@ -240,9 +252,11 @@ def _text(key: str, raw: str, rules: Mapping[str, Any]) -> str:
     allowed = rules.get("choices")
     if allowed is None:
         return raw
-    if raw.lower() not in allowed:
+    lowered: str = raw.lower()
+    lowered = rules.get("aliases", {}).get(lowered, lowered)
+    if lowered not in allowed:
         raise SettingsError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
-    return raw.lower()
+    return lowered
 
 
 def _path(key: str, raw: str, rules: Mapping[str, Any]) -> Path:

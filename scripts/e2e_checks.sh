@@ -440,6 +440,23 @@ check_backup_restore() {
   check "the 3 requests answered while the table was gone are logged once ($out)" test "$out" = 3
 }
 
+# check_load_baseline: issue 13's k6 baseline (tests/load/baseline.js) through nginx, from
+# outside the host like a client: the full request mix (unique texts, repeats, batches,
+# idempotent replays that must come back replayed) at 40/s for 10 s, under the API key's
+# own rate limit (50/s), so nothing is lifted for it. Every threshold must hold.
+check_load_baseline() {
+  local status=0 summary
+  [[ -x $REPO_DIR/.venv/bin/k6 ]] || {
+    check "k6 is installed (.venv/bin/k6: make venv, requirements-load.lock)" false
+    return
+  }
+  (cd "$REPO_DIR" && FALCON_API_KEY=$FALCON_API_KEY LOAD_RATE=40 LOAD_DURATION=10s LOAD_REQUIRE_IDEMPOTENCY=1 \
+    LOAD_RESULTS_DIR="$WORK/load" bash scripts/load_test.sh baseline "$URL") >"$WORK/k6.out" 2>&1 || status=$?
+  summary=$(grep -E '^(baseline: |thresholds crossed: )' "$WORK/k6.out" | paste -sd ' ' -)
+  [[ $status == 0 ]] || tail -n 30 "$WORK/k6.out" >&2
+  check "the k6 baseline (40/s for 10 s, mixed) holds every threshold: ${summary:-no summary}" test "$status" = 0
+}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ssh_cmd true || die "no falcon-e2e host answers on port $SSH_PORT (scripts/e2e.sh up)"
@@ -454,6 +471,7 @@ say "== health";           check_health "after provisioning"
 say "== worker unit";      check_worker_unit
 say "== supply chain";     check_supply_chain
 say "== HTTP via nginx";   check_http
+say "== k6 baseline";      check_load_baseline
 say "== TLS";              check_tls
 say "== request log";      check_request_log
 say "== API keys";         check_api_keys

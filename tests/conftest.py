@@ -33,7 +33,7 @@ def model(dummy_model_dir: Path) -> Model:
 
 @pytest.fixture
 def settings(dummy_model_dir: Path) -> Settings:
-    return Settings(model_dir=dummy_model_dir, instance_name="test", access_log=False)
+    return Settings(model_dir=dummy_model_dir, instance_name="test", access_log="off")
 
 
 @pytest.fixture

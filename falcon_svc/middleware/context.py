@@ -23,6 +23,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # headers and the database (no spaces, quotes or control characters).
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 UNMATCHED_ROUTE = "unmatched"
+# ACCESS_LOG mode -> the lowest status that gets an access line ("off" has no AccessLog).
+ACCESS_MIN_STATUS = {"all": 0, "errors": 400, "off": 1000}
 # Clients may send any method name; only these become metric labels.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Routes whose every request gets a row in PostgreSQL's request_log (probes and
@@ -89,14 +91,21 @@ class RequestContext:
     def __init__(
         self,
         worker_id: str,
-        access_log: bool = True,
+        access_log: str = "all",
         request_log: RequestLog | None = None,
         *,
         text_hmac_key: bytes | None = None,
     ) -> None:
-        """``text_hmac_key`` (LOG_TEXT_HMAC_KEY) keys the logged text digest; without it none is logged."""
+        """``access_log`` (ACCESS_LOG): ``all``, ``errors`` (status >= 400) or ``off``.
+
+        ``text_hmac_key`` (LOG_TEXT_HMAC_KEY) keys the logged text digest; without it none is logged.
+        """
         self._worker_id = worker_id
-        self._access_log = AccessLog() if access_log else None
+        self._access_log = AccessLog() if access_log != "off" else None
+        # NOTE: an access line costs the worker ~20 us and journald about as much again
+        # (scripts/bench/bench_access_log.py); behind nginx, whose JSON access log has
+        # every request with its id, "errors" keeps the lines an operator greps for.
+        self._access_min_status = ACCESS_MIN_STATUS[access_log]
         self._request_log = request_log
         self._text_hmac_key = text_hmac_key or None
         if request_log is not None and self._text_hmac_key is None:
@@ -137,7 +146,7 @@ class RequestContext:
             self._request_log.submit(
                 self._log_row(req, request_id=request_id, route=route, method=method, status=status, seconds=seconds)
             )
-        if self._access_log is not None:
+        if self._access_log is not None and status >= self._access_min_status:
             self._access_log.write(
                 {
                     "request_id": request_id,

@@ -411,6 +411,33 @@ class TestIdempotencyStore:
         assert replay.outcome is Outcome.REPLAYED and replay.stored is not None
         assert replay.stored["body"] == '{"from": "current"}', replay.stored
 
+    @pytest.mark.parametrize("applied", [False, True], ids=["lost", "applied-but-timed-out"])
+    def test_an_answer_redis_did_not_store_frees_the_claim_and_is_counted(self, redis_server, applied):
+        # NOTE: under load a completion can outlast REDIS_TIMEOUT_MS; left pending, the
+        # key would answer 409 to every retry for IDEMPOTENCY_LOCK_SECONDS.
+        store = self.store(redis_server)
+        claim = store.begin("order-13", "fp")
+        complete = store._complete
+
+        def timed_out(**kwargs: object) -> None:
+            if applied:
+                complete(**kwargs)  # Redis stored it; the reply came too late
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        store._complete = timed_out
+        unrecorded = idempotency_outcomes("unrecorded")
+        store.complete(claim, 200, b'{"label": "positive"}', {})
+        assert idempotency_outcomes("unrecorded") == unrecorded + 1
+        again = store.begin("order-13", "fp")
+        if applied:
+            assert again.outcome is Outcome.REPLAYED, "a stored answer is never released"
+        else:
+            assert again.outcome is Outcome.FIRST, "a retry runs again rather than 409"
+
+
+def idempotency_outcomes(outcome: str) -> float:
+    return REGISTRY.get_sample_value("falcon_idempotency_requests_total", {"outcome": outcome}) or 0.0
+
 
 def test_redis_killed_mid_run_then_back(redis_settings, model, redis_server):
     client, deps = build(redis_settings, model)

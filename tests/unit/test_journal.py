@@ -268,7 +268,7 @@ def test_an_entry_too_large_for_a_datagram_is_written_whole_to_the_stream(journa
 def logged_app(settings: Settings, model: Model, access_enabled: None) -> falcon.testing.TestClient:
     """The app with its access log on (the access logger's level is read when the app is built)."""
     return falcon.testing.TestClient(
-        create_app(dataclasses.replace(settings, access_log=True), model, worker_id="test:1")
+        create_app(dataclasses.replace(settings, access_log="all"), model, worker_id="test:1")
     )
 
 
@@ -295,6 +295,23 @@ def test_a_served_line_names_the_model_version_and_no_error(logged_app, capsys, 
     assert logged_app.simulate_post("/infer", json={"text": "fine"}).status_code == 200
     (line,) = access_lines(capsys.readouterr().out)
     assert line["model_version"] == model.version and "code" not in line and "field" not in line
+
+
+def test_errors_mode_logs_the_4xx_and_not_the_200(settings: Settings, model: Model, access_enabled: None, capsys):
+    client = falcon.testing.TestClient(
+        create_app(dataclasses.replace(settings, access_log="errors"), model, worker_id="test:1")
+    )
+    assert client.simulate_post("/infer", json={"text": "fine"}).status_code == 200
+    assert client.simulate_post("/infer", json={"text": ""}).status_code == 422
+    assert [line["status"] for line in access_lines(capsys.readouterr().out)] == [422]
+
+
+def test_off_mode_logs_no_line(settings: Settings, model: Model, access_enabled: None, capsys):
+    client = falcon.testing.TestClient(
+        create_app(dataclasses.replace(settings, access_log="off"), model, worker_id="test:1")
+    )
+    assert client.simulate_post("/infer", json={"text": ""}).status_code == 422
+    assert access_lines(capsys.readouterr().out) == []
 
 
 class ExplodingModel:

@@ -151,7 +151,7 @@ def test_probes_and_pages_get_no_row(logged_client, request_log):
 def row_for(inference: Inference, *, route: str = "/infer/batch", **context: Any) -> LogRow:
     """Run the middleware alone over a request whose resource left ``inference``; return its row."""
     request_log = FakeRequestLog()
-    middleware = RequestContext("w:1", access_log=False, request_log=request_log)  # type: ignore[arg-type]
+    middleware = RequestContext("w:1", access_log="off", request_log=request_log)  # type: ignore[arg-type]
     req = falcon.testing.create_req(path=route, method="POST")
     resp = falcon.Response()
     middleware.process_request(req, resp)
@@ -191,7 +191,7 @@ class _Classified:
 
 
 def test_the_row_names_the_client_key_id_and_keys_its_digest(request_log, caplog):
-    context = RequestContext("test:1", False, request_log, text_hmac_key=KEY)  # type: ignore[arg-type]
+    context = RequestContext("test:1", "off", request_log, text_hmac_key=KEY)  # type: ignore[arg-type]
     app = falcon.App(middleware=[context, _Authenticated()])
     app.add_route("/infer", _Classified())
     falcon.testing.TestClient(app).simulate_post("/infer")
@@ -202,7 +202,7 @@ def test_the_row_names_the_client_key_id_and_keys_its_digest(request_log, caplog
 
 
 def test_an_unset_key_is_said_once_at_start_naming_the_setting(request_log, caplog):
-    RequestContext("test:1", False, request_log)  # type: ignore[arg-type]
+    RequestContext("test:1", "off", request_log)  # type: ignore[arg-type]
     warnings = [record for record in caplog.records if "LOG_TEXT_HMAC_KEY" in record.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING", caplog.text
 

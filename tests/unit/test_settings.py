@@ -275,3 +275,8 @@ def test_a_database_url_libpq_cannot_read_is_refused_without_its_password(url):
         Settings.from_env({"DATABASE_URL": url})
     assert SECRET not in str(raised.value), f"the error message shows the password: {raised.value}"
     assert raised.value.__cause__ is None and raised.value.__suppress_context__, "libpq's message rides along"
+
+
+@pytest.mark.parametrize(("raw", "mode"), [("true", "all"), ("FALSE", "off"), ("errors", "errors")])
+def test_access_log_takes_its_modes_and_the_booleans_it_once_was(raw, mode):
+    assert Settings.from_env({"ACCESS_LOG": raw}).access_log == mode
