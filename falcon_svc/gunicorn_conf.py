@@ -98,6 +98,8 @@ control_socket_disable = True
 # off; gunicorn's own messages go to stdout as JSON too, for journald.
 accesslog = None
 errorlog = "-"
+# gunicorn would build (and drop) an access line per request: see the class.
+logger_class = "falcon_svc.gunicorn_logging.AccessAwareLogger"
 loglevel = _settings.log_level
 logconfig_dict = {
     "version": 1,

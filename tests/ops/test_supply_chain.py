@@ -30,10 +30,12 @@ LOCKS = {
     "requirements-nodeps.lock": ["requirements-nodeps.txt"],
     "requirements-build.lock": ["requirements-build.txt"],
     "requirements-load.lock": ["requirements-load.txt"],
+    "requirements-plots.lock": ["requirements-plots.txt"],
+    "requirements-profile.lock": ["requirements-profile.txt"],
     "requirements-peers.lock": ["requirements-peers.txt"],
 }
 # Installed with --no-deps: the lock must hold exactly what the input names.
-NO_DEPS_LOCKS = {"requirements-nodeps.lock", "requirements-load.lock"}
+NO_DEPS_LOCKS = {"requirements-nodeps.lock", "requirements-load.lock", "requirements-profile.lock"}
 SHA256 = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 COMPILER_PACKAGES = {"build-essential", "gcc", "g++", "cpp", "clang", "python3-dev", "python3.11-dev"}
 

@@ -16,7 +16,9 @@
 # MODEL_DIR (models/sentiment: the model falcon-svc serves), DURATION (s, 10),
 # CONNECTIONS (8), THREADS (1), ROUNDS (3), WARMUP (s, 2), PARALLEL_WORKERS (2),
 # PEERS_VENV, PYTHON (the interpreter that venv is made with: python3), KEEP_WORK=1 (keep
-# the work directory: MLServer's log and the raw results).
+# the work directory: MLServer's log and the raw results), RESULTS_DIR (keep the raw
+# results there as `results`, with summary.json, the numbers and ratios, and meta.json,
+# the machine, date and settings: what scripts/bench/plots/plot.py --peers draws).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -81,6 +83,7 @@ command -v wrk >/dev/null || fail "wrk is not installed (apt-get install wrk)"
 [ -x "$python" ] || fail "$python is missing: run make venv"
 curl -fsS -o /dev/null "$falcon_url/v2/health/ready" ||
   fail "falcon-svc is not ready at $falcon_url: start it (make run) or set FALCON_URL"
+if [ -n "${RESULTS_DIR:-}" ]; then mkdir -p "$RESULTS_DIR" || fail "cannot create RESULTS_DIR=$RESULTS_DIR"; fi
 install_peers
 
 model_path=$($python "$here/peer_models.py" export "$model_dir" "$work/models")
@@ -135,5 +138,14 @@ for round in $(seq 1 "$rounds"); do
 done
 echo
 status=0
-$python "$here/peer_results.py" "$work/results" || status=$?
+if [ -n "${RESULTS_DIR:-}" ]; then
+  cp "$work/results" "$RESULTS_DIR/results"
+  $python scripts/bench/plots/run_meta.py "$RESULTS_DIR/meta.json" kind=peers "falcon_url=$falcon_url" \
+    "mlserver=$("$venv/bin/mlserver" --version 2>/dev/null | awk '{print $NF}')" "parallel_workers=$parallel_workers" \
+    "duration_s=$duration" "connections=$connections" "threads=$threads" "rounds=$rounds"
+  $python "$here/peer_results.py" "$work/results" --json "$RESULTS_DIR/summary.json" || status=$?
+  echo "bench-peers: results kept in $RESULTS_DIR"
+else
+  $python "$here/peer_results.py" "$work/results" || status=$?
+fi
 exit "$status"

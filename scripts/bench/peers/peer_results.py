@@ -11,16 +11,21 @@ ratio is the median of those per-round ratios, robust to one disturbed round.
 
 A run with non-2xx replies or socket errors makes the exit status 1: its rps counts
 failures, not inferences.
+
+``--json OUT`` also writes those numbers as JSON (``summary``): the medians and each
+round of every series, and the ratios; scripts/bench/plots/plot.py draws from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 FALCON = "falcon-svc"
 MLSERVER = "mlserver"
@@ -95,40 +100,63 @@ def median_or_none(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def render(runs: Sequence[Run]) -> str:
-    """Return the table (medians over rounds, then each round's rps) and the median ratios."""
-    lines = [f"{'server':11} {'texts':9} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}  rps per round"]
+def summary(runs: Sequence[Run]) -> dict[str, Any]:
+    """Return the numbers of `render` as JSON-ready data: each series' medians and rounds, the ratios."""
+    series = []
     for texts in TEXT_KINDS:
         for server in SERVERS:
-            series = [run for run in runs if run.server == server and run.texts == texts]
-            if not series:
-                continue
-            rps = statistics.median(run.rps for run in series)
-            p50 = statistics.median(run.p50_ms for run in series)
-            p99 = statistics.median(run.p99_ms for run in series)
-            failed = sum(run.failures for run in series)
-            each = " ".join(f"{run.rps:.0f}" for run in sorted(series, key=lambda run: run.round))
-            lines.append(f"{server:11} {texts:9} {rps:9.1f} {p50:8.2f} {p99:8.2f} {failed:7d}  {each}")
-    lines.append("")
+            each = sorted((run for run in runs if run.server == server and run.texts == texts), key=lambda r: r.round)
+            if each:
+                series.append(
+                    {
+                        "server": server,
+                        "texts": texts,
+                        "rps": statistics.median(run.rps for run in each),
+                        "p50_ms": statistics.median(run.p50_ms for run in each),
+                        "p99_ms": statistics.median(run.p99_ms for run in each),
+                        "failures": sum(run.failures for run in each),
+                        "rounds": [run.round for run in each],
+                        "rps_each": [run.rps for run in each],
+                        "p99_each": [run.p99_ms for run in each],
+                    }
+                )
+    ratios = {}
     for texts in TEXT_KINDS:
-        ratios = round_ratios(runs, texts)
-        ratio = median_or_none(ratios)
-        if ratio is None:
-            continue
-        each = ", ".join(f"{value:.2f}" for value in ratios)
+        each_ratio = round_ratios(runs, texts)
+        if each_ratio:
+            ratios[texts] = {"median": statistics.median(each_ratio), "rounds": each_ratio, "target": TARGETS[texts]}
+    return {"series": series, "ratios": ratios}
+
+
+def render(runs: Sequence[Run]) -> str:
+    """Return the table (medians over rounds, then each round's rps) and the median ratios."""
+    numbers = summary(runs)
+    lines = [f"{'server':11} {'texts':9} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}  rps per round"]
+    for row in numbers["series"]:
+        each = " ".join(f"{rps:.0f}" for rps in row["rps_each"])
         lines.append(
-            f"{texts} texts: falcon-svc / MLServer = {ratio:.2f}x (median of rounds: {each}; "
-            f"issue 13 target >= {TARGETS[texts]:g}x)"
+            f"{row['server']:11} {row['texts']:9} {row['rps']:9.1f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+            f"{row['failures']:7d}  {each}"
+        )
+    lines.append("")
+    for texts, ratio in numbers["ratios"].items():
+        each = ", ".join(f"{value:.2f}" for value in ratio["rounds"])
+        lines.append(
+            f"{texts} texts: falcon-svc / MLServer = {ratio['median']:.2f}x (median of rounds: {each}; "
+            f"issue 13 target >= {ratio['target']:g}x)"
         )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 1:
-        print("usage: peer_results.py RESULTS_FILE", file=sys.stderr)
-        return 2
-    runs = [parse_line(line) for line in Path(argv[0]).read_text().splitlines() if line.strip()]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_file", type=Path, help="ROUND, SERVER, TEXTS and wrk's JSON line, tab-separated")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers to OUT as JSON")
+    args = parser.parse_args(argv)
+    runs = [parse_line(line) for line in args.results_file.read_text().splitlines() if line.strip()]
     print(render(runs))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary(runs), indent=2) + "\n")
     failed = [run for run in runs if run.failures]
     for run in failed:
         print(f"round {run.round} {run.server} {run.texts}: {run.failures} failed requests", file=sys.stderr)
