@@ -1,7 +1,10 @@
 """Train the sentiment model from the command line (or a dummy if the corpus is missing).
 
-Usage: falcon-svc train [--output-dir models/sentiment] [--clean-set CSV] [--force] [--detailed-exit-code]
-                        [--signing-key KEY] [--atomic]
+Usage: falcon-svc train [--output-dir models/sentiment] [--data CSV] [--eval NAME=CSV ...] [--clean-set CSV]
+                        [--force] [--detailed-exit-code] [--signing-key KEY] [--atomic]
+
+``--data`` trains on your own ``text,label`` CSV (labels negative, neutral, positive)
+instead of the shipped corpus; a bad row stops the run with its line number.
 
 Skips training when a verified, trained artifact already exists, so ``make run`` and
 ``make test`` stay fast after the first build; a dummy one is always rebuilt.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +33,7 @@ from falcon_svc.model.artifact import (
     staging_directory,
 )
 from falcon_svc.model.signing import key_id, load_private_key, sign_artifact, sign_unless_signed
-from falcon_svc.training.data import DataUnavailableError
+from falcon_svc.training.data import DataUnavailableError, TrainingDataError
 from falcon_svc.training.dummy import KIND as DUMMY_KIND
 from falcon_svc.training.dummy import build_dummy_model
 from falcon_svc.training.evaluation import format_metrics_table
@@ -48,6 +52,8 @@ EXIT_TRAINED = 3
 EXIT_DUMMY = 4
 # A valid trained model was kept, but --signing-key had not signed it yet: signed now.
 EXIT_SIGNED = 5
+# Metric names training writes itself; an --eval set may not take one.
+RESERVED_SET_NAMES = frozenset({"tweet_test", "held_out", "clean_set", "dev_set"})
 # The private key that signs what training writes (or keeps), when --signing-key is not given.
 SIGNING_KEY_ENV = "MODEL_SIGNING_KEY"
 
@@ -70,6 +76,19 @@ def parse_args(
         type=Path,
         default=default_clean_set,
         help="a label,text CSV never used to choose settings, scored into the metadata (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="train on this text,label CSV (UTF-8, a header row) instead of the shipped corpus; always retrains",
+    )
+    parser.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="NAME=CSV",
+        type=_eval_set,
+        help="also score this text,label CSV into the metrics under NAME (repeatable)",
     )
     parser.add_argument("--force", action="store_true", help="retrain even if a valid artifact exists")
     parser.add_argument(
@@ -96,7 +115,23 @@ def parse_args(
         parser.error(f"--signing-key {args.signing_key} is not a file")
     if args.clean_set is not None and not args.clean_set.is_file():
         parser.error(f"--clean-set {args.clean_set} is not a file")
+    if args.data is not None and not args.data.is_file():
+        parser.error(f"--data {args.data} is not a file")
+    names = [name for name, _path in args.eval]
+    for name, path in args.eval:
+        if not path.is_file():
+            parser.error(f"--eval {name}={path}: {path} is not a file")
+        if names.count(name) > 1 or name in RESERVED_SET_NAMES:
+            parser.error(f"--eval {name}=...: the name {name!r} is taken (or given twice)")
     return args
+
+
+def _eval_set(value: str) -> tuple[str, Path]:
+    """Parse ``NAME=CSV`` (NAME: letters, digits, _ and -)."""
+    name, sep, path = value.partition("=")
+    if not sep or not path or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=FILE.csv (NAME: letters, digits, _ or -)")
+    return name, Path(path)
 
 
 def keep_model(output: Path, signing_key: Ed25519PrivateKey | None, *, detailed_exit_code: bool) -> int:
@@ -134,7 +169,9 @@ def main(
     # NOTE: a dummy left by an earlier run without the corpus is not kept: the corpus
     # may be there now, and if not, the DUMMY warning below must be printed again
     # (a person reads it; the Ansible role fails on --detailed-exit-code's 4 unless ALLOW_DUMMY_MODEL).
-    if not args.force and is_valid_artifact(output) and read_metadata(output).get("kind") != DUMMY_KIND:
+    # --data always retrains: the user asked for a model of their data, not the one already there.
+    keep = not args.force and args.data is None
+    if keep and is_valid_artifact(output) and read_metadata(output).get("kind") != DUMMY_KIND:
         metadata = read_metadata(output)
         print(
             f"model {metadata['version']} (kind={metadata['kind']}) already in {output}; use --force to retrain",
@@ -144,7 +181,7 @@ def main(
     staged = staging_directory(output) if args.atomic else output
     try:
         try:
-            train_model(staged, clean_set=args.clean_set)
+            train_model(staged, clean_set=args.clean_set, data=args.data, eval_sets=dict(args.eval))
         except DataUnavailableError as ex:
             print(
                 f"WARNING: training data unavailable ({ex}); building a DUMMY model "
@@ -156,6 +193,9 @@ def main(
             print(f"signed {staged} with key {sign_artifact(staged, signing_key)}")
         if args.atomic:
             publish_artifact(staged, output)
+    except TrainingDataError as ex:
+        print(f"ERROR: {ex}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as ex:  # NOTE: report any failure as one clear line
         print(f"ERROR: training failed: {type(ex).__name__}: {ex}", file=sys.stderr)
         return EXIT_FAILED

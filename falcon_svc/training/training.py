@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from falcon_svc.training.data import (
     LEXICON_FILE,
     LEXICON_PACKAGE,
     load_corpus,
+    load_labelled_csv,
     load_sentences,
     load_vader_lexicon,
     locate_package_file,
@@ -195,17 +196,27 @@ def train_model(
     clean_set: Path | None = None,
     dev_set: Path | None = DEV_SET,
     train_sentences: Path | None = TRAIN_SENTENCES,
+    data: Path | None = None,
+    eval_sets: Mapping[str, Path] | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Train on the tweet corpus, evaluate, and write the artifact into ``output_dir``.
+    """Train on the tweet corpus (or a user's ``text,label`` CSV), evaluate, and write the artifact into ``output_dir``.
 
-    Raises data.DataUnavailableError if the corpus or lexicon is not installed;
-    the caller decides whether a dummy model is acceptable.
+    ``data`` replaces the shipped corpus and its hand-written plain sentences: a user's
+    own data is the whole training set. ``eval_sets`` (name -> ``text,label`` CSV) are
+    scored into the metrics beside the held-out split and the default sets.
+
+    Raises data.DataUnavailableError if the corpus or lexicon is not installed (the
+    caller decides whether a dummy model is acceptable); data.TrainingDataError for an
+    unusable user file (never a dummy: the user asked for their data).
     """
     config = config or TrainingConfig()
     report = progress or stderr_progress()
     report("loading corpus and lexicon")
-    corpus = load_corpus(corpus_path)
+    corpus = load_corpus(corpus_path) if data is None else load_labelled_csv(data)
+    if data is not None:
+        train_sentences = None
+    evaluations = {name: load_labelled_csv(path, min_rows_per_label=0) for name, path in (eval_sets or {}).items()}
     lexicon = load_vader_lexicon()
     lexicon_path = locate_package_file(LEXICON_PACKAGE, LEXICON_FILE)
     report(f"corpus: {corpus.fingerprint['rows']} rows {corpus.fingerprint['label_counts']}")
@@ -222,11 +233,17 @@ def train_model(
     report(f"fitted: {len(pipeline[0].transformer_list[0][1].vocabulary_)} terms")
 
     report("evaluating on the tweet test split (model and VADER)")
-    metrics: dict[str, Any] = {"tweet_test": evaluate(list(pipeline.predict(test_texts)), test_labels, test_texts)}
+    # NOTE: "tweet_test" names the shipped corpus's split (tests and the README read it).
+    held_out = "tweet_test" if data is None else "held_out"
+    metrics: dict[str, Any] = {held_out: evaluate(list(pipeline.predict(test_texts)), test_labels, test_texts)}
     for name, path in (("clean_set", clean_set), ("dev_set", dev_set)):
         if path is not None and Path(path).is_file():
             report(f"evaluating on {name} {path}")
             metrics[name] = _evaluate_sentences(pipeline, Path(path))
+    for name, evaluation in evaluations.items():
+        report(f"evaluating on {name} {evaluation.fingerprint['source']}")
+        result = evaluate(list(pipeline.predict(evaluation.texts)), evaluation.labels, evaluation.texts)
+        metrics[name] = {"source": evaluation.fingerprint["source"], **result}
     if vader_predict([]) is None:
         report("WARNING: vaderSentiment is not importable; no VADER baseline in the metrics")
 

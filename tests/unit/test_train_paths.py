@@ -25,7 +25,7 @@ def train_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path | None
     """Record what train_model is asked for; then fall back to the (fast) dummy."""
     calls: list[tuple[Path, Path | None]] = []
 
-    def record(output: Path, *, clean_set: Path | None = None) -> None:
+    def record(output: Path, *, clean_set: Path | None = None, **_: object) -> None:
         calls.append((output, clean_set))
         raise DataUnavailableError("not training in a unit test")
 
