@@ -33,6 +33,7 @@ from falcon_svc.model.artifact import (
     staging_directory,
 )
 from falcon_svc.model.signing import key_id, load_private_key, sign_artifact, sign_unless_signed
+from falcon_svc.training.behaviour import format_suite
 from falcon_svc.training.data import DataUnavailableError, TrainingDataError
 from falcon_svc.training.dummy import KIND as DUMMY_KIND
 from falcon_svc.training.dummy import build_dummy_model
@@ -208,6 +209,8 @@ def main(
     print(f"model {metadata['name']} {metadata['version']} (kind={metadata['kind']}) written to {output}")
     if metadata.get("metrics"):
         print(format_metrics_table(metadata["metrics"]))
+    if metadata.get("behaviour"):
+        print(format_suite(metadata["behaviour"]))
     if not args.detailed_exit_code:
         return 0
     return EXIT_DUMMY if metadata["kind"] == DUMMY_KIND else EXIT_TRAINED

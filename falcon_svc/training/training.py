@@ -34,6 +34,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from falcon_svc.model.artifact import sha256_file, write_artifact
 from falcon_svc.model.features import LexiconFeatures, preprocess
 from falcon_svc.model.vader import Lexicon
+from falcon_svc.training.behaviour import run_suite
 from falcon_svc.training.data import (
     LABELS,
     LEXICON_FILE,
@@ -266,6 +267,7 @@ def train_model(
         },
         "config": asdict(config),
         "metrics": metrics,
+        "behaviour": run_suite(lambda texts: list(pipeline.predict(texts))),
     }
     report(f"writing artifact to {output_dir}")
     _drop_process_state(pipeline)

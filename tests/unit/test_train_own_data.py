@@ -52,6 +52,9 @@ def test_a_model_trains_on_a_small_csv_and_scores_each_eval_set(tmp_path: Path, 
     assert metadata["training_data"]["plain_sentences"] is None, "your data is the whole training set"
     assert {"held_out", "holdout"} <= metadata["metrics"].keys() and "tweet_test" not in metadata["metrics"]
     assert metadata["metrics"]["holdout"]["source"] == str(holdout)
+    behaviour = metadata["behaviour"]
+    assert 0 <= behaviour["pass_rate"] <= 1 and "negation" in behaviour["capabilities"], behaviour
+    assert "behavioural suite:" in capsys.readouterr().out
     model = load_model(output)
     assert [p.label for p in model.predict(["The battery was wonderful.", "The app was terrible."])] == [
         "positive",
