@@ -299,10 +299,14 @@ class IdempotencyStore:
         metrics.IDEMPOTENCY.labels("unrecorded").inc()
         events = _UNRECORDED_LOG.admit()
         if events is not None:
+            if released:
+                fate = "freed: a retry runs again"
+            elif release.ok:
+                fate = "not pending: Redis stored the answer after all, and a retry is replayed"
+            else:
+                fate = "left pending: a retry gets 409 until IDEMPOTENCY_LOCK_SECONDS"
             logger.warning(
-                "idempotency: %d answers not stored in Redis (claim %s); a retry of those keys runs again",
-                events,
-                "released" if released else "left pending until IDEMPOTENCY_LOCK_SECONDS",
+                "idempotency: %d answers whose storing in Redis failed; the last one's claim %s", events, fate
             )
 
     def release(self, claim: Claim) -> None:
