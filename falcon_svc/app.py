@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 import falcon
 
@@ -39,7 +40,8 @@ from falcon_svc.resources.v2 import (
     V2ServerResource,
 )
 from falcon_svc.settings import Settings
-from falcon_svc.startup import load_model_or_exit, load_settings_or_exit
+from falcon_svc.startup import load_model_or_exit, load_other_versions, load_settings_or_exit
+from falcon_svc.versions import ServedVersions
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +54,21 @@ def create_app(
     lifecycle: Lifecycle | None = None,
     worker_id: str | None = None,
     api_keys: KeyStore | None = None,
+    other_versions: Mapping[str, Model] | None = None,
+    active_version: str | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """Return the WSGI app serving ``model`` under ``settings``.
 
     Without ``dependencies`` the app runs on the model alone (no cache, no
     idempotency): what tests of the HTTP contract need. Without ``api_keys``
     every route is open; with them, the inference routes need a key.
+    ``other_versions`` answer requests that name their version (OIP v2).
     """
     deps = dependencies or Dependencies()
     lifecycle = lifecycle or Lifecycle()
     worker_id = worker_id or f"{settings.instance_name}:{os.getpid()}"
     classifier = Classifier(model, deps.cache)
+    versions = ServedVersions(classifier, other_versions or {}, active_version)
     readiness = Readiness(model, lifecycle, deps)
     access = InternalAccess(parse_networks(settings.metrics_allowed_networks))
 
@@ -89,7 +95,7 @@ def create_app(
     app.add_route("/infer/batch", BatchInferResource(classifier, settings, worker_id))
     app.add_route("/healthz", LivenessResource())
     app.add_route("/readyz", ReadinessResource(readiness, access))
-    app.add_route("/v1/models", ModelsResource(model, access))
+    app.add_route("/v1/models", ModelsResource(versions, access))
     app.add_route("/metrics", MetricsResource(access))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/", DemoPageResource())
@@ -97,9 +103,9 @@ def create_app(
     app.add_route("/docs", DocsPageResource())
     app.add_route("/docs/{asset}", SwaggerAssetResource())
 
-    v2_ready = V2ReadyResource(readiness, model)
-    v2_model = V2ModelResource(model)
-    v2_infer = V2InferResource(classifier, settings)
+    v2_ready = V2ReadyResource(readiness, versions)
+    v2_model = V2ModelResource(versions)
+    v2_infer = V2InferResource(versions, settings)
     app.add_route("/v2", V2ServerResource())
     app.add_route("/v2/health/live", V2LiveResource())
     app.add_route("/v2/health/ready", v2_ready)
@@ -111,6 +117,14 @@ def create_app(
     app.add_route("/v2/models/{name}/versions/{version}/infer", v2_infer)
 
     metrics.MODEL_INFO.labels(model.name, model.version, model.kind, model.scorer).set(1)
+    mix = expected_label_mix(model)
+    for label, share in mix.items():
+        metrics.MODEL_EXPECTED_LABEL_SHARE.labels(model.version, label).set(share)
+    if not mix and model.kind != "dummy":  # NOTE: a dummy is already a DEGRADED warning
+        logger.warning(
+            "model %s records no label_mix (trained before 2026-12-02): the drift alert cannot watch it",
+            model.version,
+        )
     metrics.WORKER_START_TIME.set(time.time())
     metrics.DRAINING.set(0)
     return app
@@ -138,4 +152,32 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
         LIFECYCLE.on_exit(lambda: deps.close(LIFECYCLE.seconds_left(settings.graceful_shutdown_timeout_seconds)))
     else:
         logger.warning("request log disabled (REQUEST_LOG_ENABLED=false): no request_log rows are written")
-    return create_app(settings, model, dependencies=deps, lifecycle=LIFECYCLE, api_keys=api_keys)
+    return create_app(
+        settings,
+        model,
+        dependencies=deps,
+        lifecycle=LIFECYCLE,
+        api_keys=api_keys,
+        other_versions=load_other_versions(settings, model),
+        active_version=active_version(settings),
+    )
+
+
+def active_version(settings: Settings) -> str | None:
+    """Return the store's active version (None without a store: the served one is active)."""
+    if not settings.model_store:
+        return None
+    from falcon_svc.model.store import ModelStore, StoreError
+
+    try:
+        return ModelStore(settings.model_store).active()
+    except StoreError:
+        return None
+
+
+def expected_label_mix(model: Model) -> dict[str, float]:
+    """Return the label shares ``model`` predicted on its evaluation set (metadata ``label_mix``), if recorded."""
+    mix = model.metadata.get("label_mix")
+    if not isinstance(mix, dict):
+        return {}
+    return {str(label): float(share) for label, share in mix.items() if isinstance(share, int | float)}

@@ -17,6 +17,7 @@ from falcon_svc.auth.commands import register as register_keys_command
 from falcon_svc.logs import configure_logging
 from falcon_svc.model_commands import register as register_model_command
 from falcon_svc.redact import redact
+from falcon_svc.store_commands import register as register_models_command
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(handler=train)
     register_model_command(commands)
+    register_models_command(commands)
     register_keys_command(commands)
     args, unknown = parser.parse_known_args(argv)
     # serve and train pass options they do not know on to gunicorn and training.

@@ -63,7 +63,7 @@ class Classifier:
         self.model = model
         self._cache = cache
         self._latency = metrics.INFERENCE_LATENCY.labels(model.scorer)
-        self._per_label = {label: metrics.PREDICTIONS.labels(label) for label in model.labels}
+        self._per_label = {label: metrics.PREDICTIONS.labels(label, model.version) for label in model.labels}
 
     def classify(self, texts: Sequence[str]) -> list[Result]:
         """Return one result per text, in order; the misses go to the model in one call."""

@@ -58,8 +58,8 @@ BATCH_SIZE = Histogram(
 )
 PREDICTIONS = Counter(
     "falcon_predictions_total",
-    "Texts classified, by predicted label.",
-    ["label"],
+    "Texts classified, by predicted label and the model version that predicted it.",
+    ["label", "version"],
 )
 INPUT_ERRORS = Counter(
     "falcon_input_errors_total",
@@ -70,6 +70,13 @@ MODEL_INFO = Gauge(
     "falcon_model_info",
     "The loaded model (value 1), labelled with its name, version, kind and scorer.",
     ["name", "version", "kind", "scorer"],
+    multiprocess_mode="livemax",
+)
+# NOTE: the drift alert compares falcon_predictions_total's live mix with this.
+MODEL_EXPECTED_LABEL_SHARE = Gauge(
+    "falcon_model_expected_label_share",
+    "Share of each label in the served model version's predictions on its evaluation set (metadata label_mix).",
+    ["version", "label"],
     multiprocess_mode="livemax",
 )
 WORKER_START_TIME = Gauge(

@@ -154,6 +154,12 @@ class Settings:
     allow_dummy_model: bool = True
     # Comma-separated Ed25519 public key files; set: the model must be signed by one (model/signing.py)
     model_public_key: str = ""
+    # The model store (falcon_svc/model/store.py): set, workers serve its active version, not MODEL_DIR
+    model_store: str = ""
+    # The activation gate (falcon_svc/training/gate.py): the largest drop in accuracy or macro-F1 on a
+    # gate set, in points, and the behavioural suite's floor, in percent
+    model_gate_tolerance_points: int = _setting(2, minimum=0, maximum=100)
+    model_behaviour_floor_percent: int = _setting(70, minimum=0, maximum=100)
     # HTTP contract limits
     max_body_bytes: int = _setting(2 * 1024 * 1024, minimum=1024, maximum=64 * 2**20)
     max_text_chars: int = _setting(5000, minimum=1, maximum=100_000)
@@ -221,6 +227,13 @@ class Settings:
             if check := field.metadata.get("check"):
                 check(field.name.upper(), getattr(settings, field.name))
         return settings
+
+    @property
+    def bind_port(self) -> int | None:
+        """Return the TCP port this process listens on (None for a unix socket)."""
+        if self.bind.startswith("unix:"):
+            return None
+        return int(self.bind.rpartition(":")[2])
 
     @property
     def gunicorn_worker_class(self) -> str:

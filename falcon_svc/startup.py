@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from falcon_svc.settings import Settings, SettingsError
@@ -68,14 +69,15 @@ def load_model_or_exit(settings: Settings) -> Model:
     except PublicKeyError as ex:
         logger.critical("invalid configuration: MODEL_PUBLIC_KEY: %s", ex, extra={"exit_code": EXIT_CONFIG})
         sys.exit(EXIT_CONFIG)
+    model_dir = serving_model_dir_or_exit(settings)
     try:
-        model = load_model(settings.model_dir, fast_path=settings.fast_path, public_keys=public_keys)
+        model = load_model(model_dir, fast_path=settings.fast_path, public_keys=public_keys)
     except ModelLoadError as ex:
         # NOTE: retraining cannot fix a signature; the message says what would.
         hint = "" if isinstance(ex, SignatureError) else " (train it with: make model)"
         logger.critical(
             "cannot load the model from %s: %s%s",
-            settings.model_dir,
+            model_dir,
             ex,
             hint,
             extra={"exit_code": EXIT_NO_MODEL},
@@ -85,23 +87,79 @@ def load_model_or_exit(settings: Settings) -> Model:
     if signature == UNAUTHENTICATED:
         logger.warning(
             "model in %s is not authenticated: MODEL_PUBLIC_KEY is unset, so only its sha256 is checked",
-            settings.model_dir,
+            model_dir,
         )
     else:
-        logger.info("model in %s: signature %s", settings.model_dir, signature)
+        logger.info("model in %s: signature %s", model_dir, signature)
     if model.kind == "dummy":
         if not settings.allow_dummy_model:
             logger.critical(
                 "the model in %s is the dummy model and ALLOW_DUMMY_MODEL=false",
-                settings.model_dir,
+                model_dir,
                 extra={"exit_code": EXIT_NO_MODEL},
             )
             sys.exit(EXIT_NO_MODEL)
         logger.warning(
             "DEGRADED: serving the DUMMY model from %s; its predictions are not meaningful "
             "(install the training data and run: make model)",
-            settings.model_dir,
+            model_dir,
         )
     if settings.fast_path and model.scorer != "compiled":
         logger.warning("fast path failed verification; serving with scikit-learn predict_proba")
     return model
+
+
+def serving_model_dir_or_exit(settings: Settings) -> Path:
+    """Return the directory of the model this process serves: MODEL_DIR, or the store's pick for its port.
+
+    With MODEL_STORE the pointer is read once, here: the version directory it names
+    never changes, so a pointer swapped during the load cannot mix two versions.
+    """
+    if not settings.model_store:
+        return settings.model_dir
+    from falcon_svc.model.store import ModelStore, StoreError
+
+    store = ModelStore(settings.model_store)
+    try:
+        version = store.serving_version(settings.bind_port)
+        if version is None:
+            raise StoreError(
+                f"the store {settings.model_store} has no active version (import and activate one: "
+                "falcon-svc models import DIR --activate)"
+            )
+        return store.version_dir(version)
+    except StoreError as ex:
+        logger.critical("MODEL_STORE: %s", ex, extra={"exit_code": EXIT_NO_MODEL})
+        sys.exit(EXIT_NO_MODEL)
+
+
+def load_other_versions(settings: Settings, serving: Model) -> dict[str, Model]:
+    """Return the store's active and previous versions besides ``serving``, by version.
+
+    They answer requests that name their version (``/v2/models/sentiment/versions/V/infer``).
+    One that fails to load is logged and left out: the served model is what matters.
+    """
+    if not settings.model_store:
+        return {}
+    from falcon_svc.model import ModelLoadError, load_model
+    from falcon_svc.model.signing import PublicKeyError, load_public_keys
+    from falcon_svc.model.store import ModelStore, StoreError
+
+    store = ModelStore(settings.model_store)
+    others: dict[str, Model] = {}
+    try:
+        public_keys = load_public_keys(settings.model_public_key)
+        wanted = [store.active(), store.previous()]
+    except (PublicKeyError, StoreError) as ex:
+        logger.warning("not loading other model versions: %s", ex)
+        return others
+    for version in wanted:
+        if version is None or version == serving.version or version in others:
+            continue
+        try:
+            others[version] = load_model(
+                store.version_dir(version), fast_path=settings.fast_path, public_keys=public_keys
+            )
+        except (ModelLoadError, StoreError) as ex:
+            logger.warning("model version %s stays unloaded: %s", version, ex)
+    return others

@@ -123,8 +123,9 @@ check_http() {
   check "/readyz through nginx says status only ($(cat "$WORK/public_readyz.json"))" \
     test "$(py 'sorted(d)' "$WORK/public_readyz.json")" = "['status']"
   curl -sS -m 10 -o "$WORK/public_models.json" "$URL/v1/models"
-  check "/v1/models through nginx: name, version, labels only" \
-    test "$(py 'sorted(d["models"][0])' "$WORK/public_models.json")" = "['labels', 'name', 'version']"
+  check "/v1/models through nginx: name, version, labels and roles only (no metadata)" \
+    test "$(py 'sorted({k for m in d["models"] for k in m})' "$WORK/public_models.json")" \
+    = "['active', 'labels', 'name', 'serving', 'version']"
   # Redis ACL users (roles/redis): the service's user cannot flush or reconfigure, the
   # exporter reads INFO, an anonymous client gets nothing. Passwords via REDISCLI_AUTH.
   # redis-cli follows each error with an empty line: the check reads first words of non-empty lines.
@@ -367,8 +368,9 @@ ENV_FILE_ON_HOST=${ENV_FILE_ON_HOST:-/etc/falcon-svc/falcon-svc.env}
 
 check_model_signing() {
   # `falcon-svc check` as the service runs it: user falcon, the env file read inside the
-  # shell (off the command line); MODEL_DIR overridable to check a tampered copy.
-  local as_service="set -a; . $ENV_FILE_ON_HOST; set +a; MODEL_DIR=\${1:-\$MODEL_DIR} exec $FALCON_SVC_ON_HOST check"
+  # shell (off the command line), the model from the store; given a directory, that
+  # directory instead (MODEL_STORE emptied), to check a tampered copy.
+  local as_service="set -a; . $ENV_FILE_ON_HOST; set +a; if [ -n \"\${1:-}\" ]; then MODEL_DIR=\$1 MODEL_STORE=; fi; exec $FALCON_SVC_ON_HOST check"
   local expected signature rc=0
   # The key id computed apart from falcon-svc: ed25519: + 16 hex of sha256(the raw 32-byte key).
   expected=ed25519:$(ssh_cmd "openssl pkey -pubin -in $MODEL_PUBLIC_KEY_ON_HOST -outform DER | tail -c 32 | sha256sum | cut -c1-16")
@@ -385,6 +387,14 @@ check_model_signing() {
   local path
   for path in "$MODEL_DIR_ON_HOST" "$MODEL_DIR_ON_HOST/model.joblib" "$MODEL_DIR_ON_HOST/metadata.json" \
     "$MODEL_DIR_ON_HOST/signature.json" "$MODEL_PUBLIC_KEY_ON_HOST"; do
+    check "the service user cannot write $path" \
+      test "$(ssh_cmd "runuser -u falcon -- test -w $path && echo writable || echo read-only")" = read-only
+  done
+  local store
+  store=$(ssh_cmd "sed -n 's/^MODEL_STORE=//p' $ENV_FILE_ON_HOST")
+  check "the env file names the model store ($store), whose active version the workers serve" \
+    test -n "$store" -a "$(ssh_cmd "readlink $store/active")" != ""
+  for path in "$store" "$store/versions" "$store/versions/$(ssh_cmd "basename \$(readlink $store/active)")"; do
     check "the service user cannot write $path" \
       test "$(ssh_cmd "runuser -u falcon -- test -w $path && echo writable || echo read-only")" = read-only
   done
@@ -458,6 +468,18 @@ check_load_baseline() {
   check "the k6 baseline (40/s for 10 s, mixed) holds every threshold: ${summary:-no summary}" test "$status" = 0
 }
 
+# check_model_lifecycle: issue 14's rollouts on the host under load (scripts/e2e_canary.sh):
+# a good version promoted by the canary play, a bad one rolled back by it, `models rollback
+# --reload` and `models activate --reload`; 0 failed requests. Its PASS/FAIL lines are shown,
+# and one line here sums them up.
+check_model_lifecycle() {
+  local rc=0
+  E2E_RUN_DIR=$RUN_DIR bash "$REPO_DIR/scripts/e2e_canary.sh" >"$WORK/model_lifecycle.out" 2>&1 || rc=$?
+  sed 's/^/    /' "$WORK/model_lifecycle.out"
+  check "the model lifecycle on the host: $(grep -c '] PASS ' "$WORK/model_lifecycle.out") checks passed, $(grep -c '] FAIL ' "$WORK/model_lifecycle.out") failed (scripts/e2e_canary.sh exit $rc)" \
+    test "$rc" -eq 0
+}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ssh_cmd true || die "no falcon-e2e host answers on port $SSH_PORT (scripts/e2e.sh up)"
@@ -479,6 +501,7 @@ say "== API keys";         check_api_keys
 say "== retention";        check_retention
 say "== model signing";    check_model_signing
 say "== backups";          check_backup_restore
+say "== model lifecycle";  check_model_lifecycle
 say "== fault scripts";    run_faults
 say "== health";           check_health "after the drills"
 say "== runbook";          check_runbook

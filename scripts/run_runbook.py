@@ -56,7 +56,13 @@ DESTRUCTIVE_DRILLS = {
     # Worker down: restart one unit and wait until it is active and ready.
     "systemctl reset-failed falcon-worker@PORT": "rolling_restart",
     "systemctl restart falcon-worker@8001": "restart_storm stop_worker",
-    # Rolling a new model: the loop over the deployed worker ports.
+    # Rolling a new model: import, canary (promoted and rolled back), activate and rollback
+    # with --reload, all under load (scripts/e2e_canary.sh, run by check_model_lifecycle).
+    "/opt/falcon-svc/venv/bin/falcon-svc models import /root/sentiment-new": "check_model_lifecycle",
+    "/opt/falcon-svc/venv/bin/falcon-svc models canary VERSION --ports 8001,8002": "check_model_lifecycle",
+    "/opt/falcon-svc/venv/bin/falcon-svc models activate VERSION --reload": "check_model_lifecycle",
+    "/opt/falcon-svc/venv/bin/falcon-svc models rollback --reload": "check_model_lifecycle",
+    # Restarting the units one by one: the loop over the deployed worker ports.
     "ports=$(systemctl list-units --plain --no-legend 'falcon-worker@*.service'"
     " | grep -o '@[0-9]*' | tr -d @)": "rolling_restart",
     "/opt/falcon-svc/venv/bin/falcon-svc keys revoke client-a --file /etc/falcon-svc/api_keys": "check_api_keys",

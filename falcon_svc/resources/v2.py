@@ -22,8 +22,7 @@ import falcon
 
 import falcon_svc
 from falcon_svc.errors import APIError
-from falcon_svc.inference import Classifier, Inference
-from falcon_svc.model import Model
+from falcon_svc.inference import Inference
 from falcon_svc.oip import (
     ReplyEncoder,
     bad_request,
@@ -37,6 +36,7 @@ from falcon_svc.readiness import Readiness
 from falcon_svc.settings import Settings
 from falcon_svc.tensors import BINARY_MEDIA_TYPE, HEADER_LENGTH_HEADER, TensorDataError, split_body
 from falcon_svc.validation import parse_json, request_body, require_object
+from falcon_svc.versions import ServedVersions
 
 EXTENSIONS = ("binary_tensor_data",)
 JSON_MEDIA_TYPES = ("", falcon.MEDIA_JSON)
@@ -64,15 +64,15 @@ class V2ReadyResource:
     for 200). The body says why, in OIP's ``error`` key.
     """
 
-    def __init__(self, readiness: Readiness, model: Model) -> None:
+    def __init__(self, readiness: Readiness, versions: ServedVersions) -> None:
         self._readiness = readiness
-        self._model = model
+        self._versions = versions
 
     def on_get(
         self, req: falcon.Request, resp: falcon.Response, name: str | None = None, version: str | None = None
     ) -> None:
         if name is not None:
-            check_model(self._model, name, version)
+            self._versions.classifier(name, version)
         ready, detail = self._readiness.report()
         if ready:
             resp.media = {"ready": True}
@@ -84,34 +84,43 @@ class V2ReadyResource:
 class V2ModelResource:
     """``GET /v2/models/{name}[/versions/{version}]``: the model's tensors and versions."""
 
-    def __init__(self, model: Model) -> None:
-        self._model = model
-        self._body = model_metadata(model)
+    def __init__(self, versions: ServedVersions) -> None:
+        self._versions = versions
+        # NOTE: OIP's metadata has no "active" field; its free-form parameters say which
+        # loaded version the unversioned routes serve and which the store marks active.
+        roles = {"serving_version": versions.serving.model.version, "active_version": versions.active}
+        self._bodies = {
+            model.version: {
+                **(body := model_metadata(model)),
+                "versions": versions.versions(),
+                "parameters": {**body["parameters"], **roles},
+            }
+            for model in versions.models()
+        }
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        check_model(self._model, name, version)
-        resp.media = self._body
+        resp.media = self._bodies[self._versions.classifier(name, version).model.version]
 
 
 class V2InferResource:
     """``POST /v2/models/{name}[/versions/{version}]/infer``."""
 
-    def __init__(self, classifier: Classifier, settings: Settings) -> None:
-        self._classifier = classifier
+    def __init__(self, versions: ServedVersions, settings: Settings) -> None:
+        self._versions = versions
         self._settings = settings
-        self._encoder = ReplyEncoder(classifier.model)
+        self._encoders = {model.version: ReplyEncoder(model) for model in versions.models()}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        model = self._classifier.model
-        check_model(model, name, version)
+        classifier = self._versions.classifier(name, version)
+        model = classifier.model
         body, binary = self._read(req)
         reply_id = client_id(body.get("id"))
         # The outputs first: checking them is cheap, normalising the texts is not.
         wanted = requested_outputs(body)
         texts = decode_texts(body, binary, self._settings.max_batch_size, self._settings.max_text_chars)
-        results = self._classifier.classify(texts)
+        results = classifier.classify(texts)
         req.context.inference = Inference(texts, results, model.version)
-        reply, blobs = self._encoder.reply(
+        reply, blobs = self._encoders[model.version].reply(
             reply_id or req.context.request_id, wanted, [result.prediction for result in results]
         )
         if not blobs:
@@ -133,20 +142,6 @@ class V2InferResource:
         except TensorDataError as ex:
             raise bad_request(str(ex), HEADER_LENGTH_HEADER) from ex
         return require_object(parse_json(header)), binary
-
-
-def check_model(model: Model, name: str, version: str | None) -> None:
-    """Raise a 404 unless ``name`` (and ``version``, if given) are the served model's."""
-    if name != model.name:
-        raise APIError(
-            falcon.HTTP_404, "model_not_found", f"No model named {name!r}; this server serves {model.name!r}."
-        )
-    if version is not None and version != model.version:
-        raise APIError(
-            falcon.HTTP_404,
-            "model_version_not_found",
-            f"Model {model.name!r} has no version {version!r}; this server serves version {model.version!r}.",
-        )
 
 
 def _check_media_type(req: falcon.Request, *, binary: bool) -> None:

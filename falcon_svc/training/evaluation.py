@@ -1,15 +1,18 @@
-"""Measure a model: accuracy, macro-F1, per-class F1, and the VADER baseline beside it."""
+"""Measure a model: accuracy, macro-F1, per-class F1, confusion, calibration, and the VADER baseline beside it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.model_selection import train_test_split
 
 from falcon_svc.model.vader import VADER_THRESHOLD
 from falcon_svc.training.data import LABELS
+
+# Equal-width bins of top-class probability for the calibration error and the reliability plot.
+CALIBRATION_BINS = 10
 
 
 def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
@@ -21,6 +24,59 @@ def score_predictions(truth: Sequence[str], predicted: Sequence[str]) -> dict[st
         "macro_f1": round(float(f1_score(truth, predicted, labels=list(LABELS), average="macro", zero_division=0)), 4),
         "f1_per_class": {label: round(float(value), 4) for label, value in zip(LABELS, per_class, strict=True)},
     }
+
+
+def confusion(truth: Sequence[str], predicted: Sequence[str]) -> list[list[int]]:
+    """Return the confusion matrix in LABELS order: rows are the truth, columns the prediction."""
+    matrix = confusion_matrix(list(truth), list(predicted), labels=list(LABELS))
+    return [[int(count) for count in row] for row in matrix]
+
+
+def calibration(
+    confidences: Sequence[float], correct: Sequence[bool], *, bins: int = CALIBRATION_BINS
+) -> dict[str, Any]:
+    """Return the expected calibration error and the reliability bins of top-class probabilities.
+
+    Bins are equal-width over [0, 1]: bin i holds confidences in [i/bins, (i+1)/bins),
+    the last also 1.0. ECE is the count-weighted mean of |accuracy - mean confidence|
+    over the bins, so 0 means "70 % sure" is right 70 % of the time. Empty bins are
+    listed (count 0, confidence and accuracy None) so every report has the same shape.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences but {len(correct)} outcomes")
+    counts = [0] * bins
+    confidence_sums = [0.0] * bins
+    hits = [0] * bins
+    for confidence, right in zip(confidences, correct, strict=True):
+        index = min(int(confidence * bins), bins - 1)
+        counts[index] += 1
+        confidence_sums[index] += confidence
+        hits[index] += bool(right)
+    total = len(confidences)
+    table = []
+    gap = 0.0
+    for index in range(bins):
+        count = counts[index]
+        mean_confidence = confidence_sums[index] / count if count else None
+        accuracy = hits[index] / count if count else None
+        if count:
+            gap += count / total * abs(hits[index] / count - confidence_sums[index] / count)
+        table.append(
+            {
+                "lower": round(index / bins, 4),
+                "upper": round((index + 1) / bins, 4),
+                "count": count,
+                "confidence": None if mean_confidence is None else round(mean_confidence, 4),
+                "accuracy": None if accuracy is None else round(accuracy, 4),
+            }
+        )
+    return {"ece": round(gap, 4) if total else None, "bins": table}
+
+
+def label_share(predicted: Sequence[str]) -> dict[str, float]:
+    """Return each label's share of ``predicted`` (LABELS order, 4 places); all 0.0 for no predictions."""
+    total = len(predicted)
+    return {label: round(list(predicted).count(label) / total, 4) if total else 0.0 for label in LABELS}
 
 
 def held_out_split(

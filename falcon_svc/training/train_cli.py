@@ -5,6 +5,8 @@ Usage: falcon-svc train [--output-dir models/sentiment] [--data CSV] [--eval NAM
 
 ``--data`` trains on your own ``text,label`` CSV (labels negative, neutral, positive)
 instead of the shipped corpus; a bad row stops the run with its line number.
+Every trained artifact gets its evaluation report (report.json and PNG plots, see
+falcon_svc/training/report.py); a dummy gets none.
 
 Skips training when a verified, trained artifact already exists, so ``make run`` and
 ``make test`` stay fast after the first build; a dummy one is always rebuilt.
@@ -23,7 +25,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from falcon_svc.model.artifact import (
     ModelLoadError,
@@ -38,6 +40,8 @@ from falcon_svc.training.data import DataUnavailableError, TrainingDataError
 from falcon_svc.training.dummy import KIND as DUMMY_KIND
 from falcon_svc.training.dummy import build_dummy_model
 from falcon_svc.training.evaluation import format_metrics_table
+from falcon_svc.training.report import REPORT_FILE, load_report, remove_report
+from falcon_svc.training.report_text import format_report_summary
 from falcon_svc.training.training import train_model
 
 if TYPE_CHECKING:
@@ -189,6 +193,7 @@ def main(
                 f"(kind=dummy) in {output}. Its predictions are meaningless.",
                 file=sys.stderr,
             )
+            remove_report(staged)  # NOTE: a trained model's report must not describe the dummy
             build_dummy_model(staged)
         if signing_key is not None:
             print(f"signed {staged} with key {sign_artifact(staged, signing_key)}")
@@ -206,11 +211,19 @@ def main(
             # failure, the half-written staging directory, which no worker ever saw.
             shutil.rmtree(staged, ignore_errors=True)
     metadata = read_metadata(output)
+    print_results(metadata, output)
+    if not args.detailed_exit_code:
+        return 0
+    return EXIT_DUMMY if metadata["kind"] == DUMMY_KIND else EXIT_TRAINED
+
+
+def print_results(metadata: dict[str, Any], output: Path) -> None:
+    """Print what was written: the version, the metrics table, the suite, and the report's summary."""
     print(f"model {metadata['name']} {metadata['version']} (kind={metadata['kind']}) written to {output}")
     if metadata.get("metrics"):
         print(format_metrics_table(metadata["metrics"]))
     if metadata.get("behaviour"):
         print(format_suite(metadata["behaviour"]))
-    if not args.detailed_exit_code:
-        return 0
-    return EXIT_DUMMY if metadata["kind"] == DUMMY_KIND else EXIT_TRAINED
+    evaluation = load_report(output)
+    if evaluation is not None:
+        print(format_report_summary(evaluation, output / REPORT_FILE))

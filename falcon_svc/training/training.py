@@ -13,6 +13,11 @@ sources say what plain sentences are like:
 - hand-written plain sentences (train_sentences.csv: reviews, complaints, praise
   and statements of fact, written for this purpose and kept apart from the dev
   set), which set the weights of the plain-text features.
+
+Each evaluation set is scored once (predict_proba): its metrics go into the signed
+metadata, with ``label_mix`` (the predicted-label share on the main set: the drift
+alert's baseline), and its confusion matrix, calibration and the served model's
+inference time into report.json beside the artifact (falcon_svc/training/report.py).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from falcon_svc.training.data import (
     load_vader_lexicon,
     locate_package_file,
 )
-from falcon_svc.training.evaluation import evaluate, held_out_split, vader_predict
+from falcon_svc.training.evaluation import evaluate, held_out_split, label_share, vader_predict
+from falcon_svc.training.report import SetOutcome, main_set_name, remove_report, score_set, write_evaluation_report
 
 KIND = "tfidf-lexicon-logreg"
 DEV_SET = Path(__file__).with_name("dev_sentences.csv")
@@ -183,12 +189,6 @@ def _sentences_fingerprint(path: Path | None, sentences: tuple[list[str], list[s
     }
 
 
-def _evaluate_sentences(pipeline: Pipeline, path: Path) -> dict[str, Any]:
-    texts, labels = load_sentences(path)
-    result = evaluate(list(pipeline.predict(texts)), labels, texts)
-    return {"source": path.name, **result}
-
-
 def train_model(
     output_dir: str | os.PathLike[str],
     *,
@@ -236,17 +236,16 @@ def train_model(
     report("evaluating on the tweet test split (model and VADER)")
     # NOTE: "tweet_test" names the shipped corpus's split (tests and the README read it).
     held_out = "tweet_test" if data is None else "held_out"
-    metrics: dict[str, Any] = {held_out: evaluate(list(pipeline.predict(test_texts)), test_labels, test_texts)}
+    sets: dict[str, tuple[list[str], list[str], str | None]] = {held_out: (test_texts, test_labels, None)}
     for name, path in (("clean_set", clean_set), ("dev_set", dev_set)):
         if path is not None and Path(path).is_file():
-            report(f"evaluating on {name} {path}")
-            metrics[name] = _evaluate_sentences(pipeline, Path(path))
+            sets[name] = (*load_sentences(Path(path)), Path(path).name)
     for name, evaluation in evaluations.items():
-        report(f"evaluating on {name} {evaluation.fingerprint['source']}")
-        result = evaluate(list(pipeline.predict(evaluation.texts)), evaluation.labels, evaluation.texts)
-        metrics[name] = {"source": evaluation.fingerprint["source"], **result}
+        sets[name] = (evaluation.texts, evaluation.labels, evaluation.fingerprint["source"])
+    metrics, outcomes = _evaluate_sets(pipeline, sets, report)
     if vader_predict([]) is None:
         report("WARNING: vaderSentiment is not importable; no VADER baseline in the metrics")
+    mix_set = main_set_name(list(outcomes))
 
     metadata = {
         "kind": KIND,
@@ -268,10 +267,34 @@ def train_model(
         "config": asdict(config),
         "metrics": metrics,
         "behaviour": run_suite(lambda texts: list(pipeline.predict(texts))),
+        # NOTE: workers export this as falcon_model_expected_label_share, the baseline of
+        # the drift alert; in the metadata so the signature covers it.
+        "label_mix": label_share(outcomes[mix_set].predicted),
+        "label_mix_set": mix_set,
     }
     report(f"writing artifact to {output_dir}")
     _drop_process_state(pipeline)
-    return write_artifact(pipeline, metadata, output_dir)
+    remove_report(Path(output_dir))
+    written = write_artifact(pipeline, metadata, output_dir)
+    report("timing the served model and writing the evaluation report")
+    write_evaluation_report(written, pipeline, outcomes)
+    return written
+
+
+def _evaluate_sets(
+    pipeline: Pipeline, sets: Mapping[str, tuple[list[str], list[str], str | None]], report: Progress
+) -> tuple[dict[str, Any], dict[str, SetOutcome]]:
+    """Score each set once; return its metrics (with the VADER baseline) and its outcome for the report."""
+    metrics: dict[str, Any] = {}
+    outcomes: dict[str, SetOutcome] = {}
+    for name, (texts, labels, source) in sets.items():
+        if source is not None:
+            report(f"evaluating on {name} {source}")
+        outcome = score_set(pipeline, texts, labels)
+        result = evaluate(outcome.predicted, labels, texts)
+        metrics[name] = result if source is None else {"source": source, **result}
+        outcomes[name] = outcome
+    return metrics, outcomes
 
 
 def _drop_process_state(pipeline: Pipeline) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -209,6 +210,20 @@ def drive_traffic(port: int, stop: threading.Event, errors: list[str]) -> None:
         stop.wait(0.02)
 
 
+def with_label_mix(model_dir: Path, destination: Path) -> Path:
+    """Copy the artifact, giving its metadata a `label_mix` (the dummy, never evaluated, has none).
+
+    The drift rules and panels compare the live mix with the served version's mix
+    (falcon_model_expected_label_share); without one they would have nothing to show.
+    """
+    shutil.copytree(model_dir, destination)
+    metadata_path = destination / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["label_mix"] = {"negative": 0.25, "neutral": 0.25, "positive": 0.5}
+    metadata_path.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return destination
+
+
 @pytest.fixture(scope="module")
 def prometheus(dummy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Start Redis, PostgreSQL, falcon-svc, node-exporter and Prometheus; drive traffic; wait for data."""
@@ -227,8 +242,9 @@ def prometheus(dummy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         apply_migrations(postgres.dsn)
 
         service_port = free_port()
+        model_dir = with_label_mix(dummy_model_dir, tmp / "model")
         env = service_env(
-            dummy_model_dir, service_port, tmp, WORKER_CLASS="sync",
+            model_dir, service_port, tmp, WORKER_CLASS="sync",
             REDIS_URL=redis_server.url, DATABASE_URL=postgres.dsn, LOG_FLUSH_INTERVAL_MS="50",
         )  # fmt: skip
         stack.enter_context(running_service(env, tmp / "service.log"))

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from closed_loop import ClosedLoop
 from servers import PostgresServer, free_port
 from test_gunicorn_serving import REPO_ROOT, call, running_service, service_env, worker_pids
 
@@ -47,34 +47,31 @@ def postgres(module_postgres: PostgresServer) -> PostgresServer:
     return module_postgres
 
 
-class ClosedLoopLoad:
+class ClosedLoopLoad(ClosedLoop):
     """``CLIENTS`` threads each sending the next unique request as soon as the last is answered."""
 
     def __init__(self, port: int) -> None:
+        super().__init__(CLIENTS)
         self.port = port
         self.answered: list[str] = []  # X-Request-ID of every 2xx
         self.failed: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(CLIENTS)]
 
-    def _run(self, client: int) -> None:
-        while not self._stop.is_set():
-            request_id = f"kill-{client}-{uuid.uuid4().hex}"
-            try:
-                status, headers, body = call(
-                    self.port, "POST", "/infer", {"text": f"unique {request_id}"}, headers={"X-Request-ID": request_id}
-                )
-            except Exception as ex:  # a connection the killed worker held: not answered
-                with self._lock:
-                    self.failed.append(repr(ex))
-                continue
+    def send_one(self, client: int, count: int) -> None:
+        request_id = f"kill-{client}-{uuid.uuid4().hex}"
+        try:
+            status, headers, body = call(
+                self.port, "POST", "/infer", {"text": f"unique {request_id}"}, headers={"X-Request-ID": request_id}
+            )
+        except Exception as ex:  # a connection the killed worker held: not answered
             with self._lock:
-                if 200 <= status < 300:
-                    assert headers["X-Request-ID"] == request_id, "the service answered with another request id"
-                    self.answered.append(request_id)
-                else:
-                    self.failed.append(f"{status} {body}")
+                self.failed.append(repr(ex))
+            return
+        with self._lock:
+            if 200 <= status < 300:
+                assert headers["X-Request-ID"] == request_id, "the service answered with another request id"
+                self.answered.append(request_id)
+            else:
+                self.failed.append(f"{status} {body}")
 
     def wait_for_answers(self, more: int, within: float = 60.0) -> None:
         target = len(self.answered) + more
@@ -82,16 +79,6 @@ class ClosedLoopLoad:
         while len(self.answered) < target:
             assert time.monotonic() < deadline, f"only {len(self.answered)} of {target} answered: {self.failed[-3:]}"
             time.sleep(0.01)
-
-    def __enter__(self) -> ClosedLoopLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 def rows_for(postgres: PostgresServer, request_ids: list[str]) -> dict[str, int]:

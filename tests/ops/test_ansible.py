@@ -101,8 +101,9 @@ def test_template_starts_with_ansible_managed(template: Path) -> None:
     assert template.read_text().startswith("{{ ansible_managed | comment }}\n")
 
 
-def test_syntax_check() -> None:
-    result = _run(_tool("ansible-playbook"), "--syntax-check", "-i", "inventory.example.ini", "site.yml")
+@pytest.mark.parametrize("playbook", ["site.yml", "deploy-model.yml"])
+def test_syntax_check(playbook: str) -> None:
+    result = _run(_tool("ansible-playbook"), "--syntax-check", "-i", "inventory.example.ini", playbook)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -808,3 +809,130 @@ def test_key_reload_spares_masters_older_than_the_installed_code(
         for master in masters:
             master.kill()
             master.wait()
+
+
+# --- The model store and deploy-model.yml -------------------------------------------------
+
+
+def _fake_falcon_svc(path: Path, store: Path, canary_exit: int = 0) -> Path:
+    """A ``falcon-svc`` that logs its arguments and does to ``store`` what the real one would.
+
+    ``models import DIR`` stores DIR's version (and points ``active`` at it with --activate);
+    ``models canary`` prints an evidence line and exits ``canary_exit``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "#!/bin/sh\n"
+        f'echo "MODEL_STORE=$MODEL_STORE $*" >> "$0.log"\n'
+        'case "$1 $2" in\n'
+        '  "models import")\n'
+        '    version=$(sed -n \'s/.*"version": "\\([^"]*\\)".*/\\1/p\' "$3/metadata.json")\n'
+        f'    mkdir -p {store}/versions/"$version"\n'
+        f'    [ "$4" = --activate ] && ln -sfn versions/"$version" {store}/active\n'
+        "    exit 0 ;;\n"
+        '  "models canary")\n'
+        '    echo "predicted-label mix  neg 0.99  neg 0.33  FAIL"\n'
+        f"    exit {canary_exit} ;;\n"
+        "esac\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def _artifact(directory: Path, version: str) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "metadata.json").write_text(f'{{"version": "{version}"}}')
+    (directory / "model.joblib").write_bytes(b"model bytes of " + version.encode())
+    return directory
+
+
+def test_the_role_imports_its_model_and_activates_it_only_while_none_is_active(tmp_path: Path) -> None:
+    """A rerun of site.yml must not undo a rollout: the store's active version stays the operator's."""
+    setups = {
+        "empty_store": ([], None, ["models", "import", "--activate"]),
+        "model_stored_and_active": (["v1"], "v1", None),
+        "another_version_active": (["v0"], "v0", ["models", "import"]),
+    }
+    hosts = {}
+    for host, (stored, active, _) in setups.items():
+        store = tmp_path / host / "store"
+        for version in stored:
+            (store / "versions" / version).mkdir(parents=True)
+        if active:
+            (store / "active").symlink_to(f"versions/{active}")
+        hosts[host] = {
+            "_falcon_svc_bin": str(_fake_falcon_svc(tmp_path / host / "falcon-svc", store)),
+            "falcon_svc_model_dir": str(_artifact(tmp_path / host / "model", "v1")),
+            "falcon_svc_model_store": str(store),
+            "ansible_become": False,
+        }
+    tasks = [
+        {"name": "Run the store tasks", "ansible.builtin.import_tasks": str(FALCON_ROLE / "tasks/model_store.yml")}
+    ]
+    recap = _recap(output := _play(tmp_path, tasks, hosts))
+    for host, (_, _, command) in setups.items():
+        log = tmp_path / host / "falcon-svc.log"
+        if command is None:
+            assert not log.exists() and recap[host]["changed"] == 0, f"{host}: nothing to import\n{output}"
+            continue
+        model_dir, store = hosts[host]["falcon_svc_model_dir"], hosts[host]["falcon_svc_model_store"]
+        expected = f"MODEL_STORE={store} {' '.join(command[:2])} {model_dir}" + (
+            " --activate" if "--activate" in command else ""
+        )
+        assert log.read_text().splitlines() == [expected], f"{host}\n{output}"
+        assert recap[host]["failed"] == 0 and recap[host]["changed"] >= 1, f"{host}\n{output}"
+    assert os.readlink(tmp_path / "another_version_active/store/active") == "versions/v0", "the rollout was undone"
+    rerun = _recap(second := _play(tmp_path, tasks, hosts))
+    assert all(counts["changed"] == 0 for counts in rerun.values()), f"not idempotent\n{second}"
+
+
+def test_deploy_model_pins_the_signature_to_the_controller_and_fails_on_a_rollback(tmp_path: Path) -> None:
+    """The host signs what the controller sent (sha256 pinned), imports it, and a canary's rollback fails the host."""
+    import hashlib
+
+    artifact = _artifact(tmp_path / "controller" / "v2", "v2")
+    (artifact / "signature.json").write_text("{}")  # made elsewhere: must not be shipped
+    sums = {
+        name: hashlib.sha256((artifact / name).read_bytes()).hexdigest() for name in ("metadata.json", "model.joblib")
+    }
+    hosts = {}
+    for host, canary_exit in {"promoted": 0, "rolled_back": 1}.items():
+        store = tmp_path / host / "store"
+        store.mkdir(parents=True)
+        hosts[host] = {
+            "_falcon_svc_bin": str(_fake_falcon_svc(tmp_path / host / "falcon-svc", store, canary_exit)),
+            "falcon_svc_model_store": str(store),
+            "falcon_svc_deploy_model_src": str(artifact),
+            "falcon_svc_deploy_model_version": "v2",
+            "falcon_svc_deploy_canary_window": 7,
+            "falcon_svc_worker_ports": [18001, 18002],
+            "ansible_become": False,
+        }
+    hosts["rolled_back"] |= {"falcon_svc_deploy_force": True, "falcon_svc_deploy_force_reason": "drill"}
+    hosts["no_version_given"] = {**hosts["promoted"], "falcon_svc_deploy_model_version": "v9"}
+    tasks = [{"name": "Deploy", "ansible.builtin.import_tasks": str(FALCON_ROLE / "tasks/deploy_model.yml")}]
+    recap = _recap(output := _play(tmp_path, tasks, hosts))
+    assert (recap["promoted"]["failed"], recap["rolled_back"]["failed"], recap["no_version_given"]["failed"]) == (
+        0,
+        1,
+        1,
+    ), output
+    assert "VERSION its metadata's version (it says v2, given v9)" in output, output
+    assert "v2 was not rolled out on rolled_back" in output and "neg 0.99" in output, "no evidence printed"
+    for host in ("promoted", "rolled_back"):
+        sign, import_, canary = (tmp_path / host / "falcon-svc.log").read_text().splitlines()
+        assert sign.split()[1:3] == ["model", "sign"], sign
+        assert f"--expect-sha256 metadata.json={sums['metadata.json']}" in sign, sign
+        assert f"--expect-sha256 model.joblib={sums['model.joblib']}" in sign, sign
+        assert import_.split()[1:3] == ["models", "import"], import_
+        force = " --force --reason drill" if host == "rolled_back" else ""
+        assert canary.endswith(
+            f"models canary v2 --ports 18001,18002 --prometheus http://127.0.0.1:9090 --window 7{force}"
+        )
+        assert list((tmp_path / host / "store").iterdir()) == [tmp_path / host / "store" / "versions"], (
+            "the staging directory was left behind"
+        )
+    # The staged copy never held the foreign signature: it was not among the files copied.
+    assert (
+        "signature.json" not in output.split("Copy the artifact into the staging directory", 1)[1].split("TASK", 1)[0]
+    )

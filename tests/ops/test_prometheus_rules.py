@@ -29,6 +29,10 @@ MINUTES = re.compile(r"^[1-9][0-9]*m$")
 # A falcon_* metric name, not part of a recording rule name (level:metric:operations).
 FALCON_METRIC = re.compile(r"(?<![\w:])(falcon_[a-zA-Z0-9_]+)(?![\w:])")
 RECORDING_NAME = re.compile(r"(?<![\w])([a-z_]+:[a-zA-Z0-9_]+:[a-zA-Z0-9_]+)")
+# Alerts about what every unit serves together rather than one unit, and the label
+# their description names instead of the instance: a model version's label mix is
+# summed over the units serving it (a unit's share of the traffic is too little).
+SERVICE_WIDE_ALERTS = {"FalconPredictionDriftHigh": "version"}
 
 
 def _promtool() -> str:
@@ -92,7 +96,10 @@ def test_alert_follows_conventions(alert: dict[str, Any]) -> None:
         assert annotations.get(key), f"{name}: missing the `{key}` annotation"
     assert "{{" not in annotations["summary"], f"{name}: the summary must be static (no template)"
     description = annotations["description"]
-    assert "{{ $labels.instance }}" in description, f"{name}: the description must name {{{{ $labels.instance }}}}"
+    subject = "{{ $labels." + SERVICE_WIDE_ALERTS.get(name, "instance") + " }}"
+    assert subject in description, f"{name}: the description must name {subject}"
+    if name in SERVICE_WIDE_ALERTS:
+        assert "instance" not in alert["expr"], f"{name}: a service-wide alert must not select or group by instance"
     assert "$value" in description, f"{name}: the description must show the value ({{{{ $value }}}})"
     assert annotations["runbook_url"] == RUNBOOK_BASE + name.lower(), (
         f"{name}: runbook_url must be {RUNBOOK_BASE + name.lower()}, got {annotations['runbook_url']}"

@@ -73,9 +73,10 @@ def test_public_readyz_keeps_its_status_code_when_draining(client, lifecycle):
     assert result.status_code == 503 and result.json == {"status": "not_ready"}, result.text
 
 
-def test_public_model_list_has_name_version_and_labels_only(client, model):
+def test_public_model_list_has_name_version_labels_and_roles_only(client, model):
     (entry,) = client.simulate_get("/v1/models", remote_addr="198.51.100.9").json["models"]
-    assert entry == {"name": model.name, "version": model.version, "labels": list(model.labels)}, entry
+    expected = {"name": model.name, "version": model.version, "labels": list(model.labels)}
+    assert entry == {**expected, "serving": True, "active": True}, entry
 
 
 def test_internal_model_list_has_the_metadata(client):

@@ -30,8 +30,9 @@ def from_readyz(client: falcon.testing.TestClient, capsys: pytest.CaptureFixture
 
 def from_models_list(client: falcon.testing.TestClient, capsys: pytest.CaptureFixture) -> dict[str, Any]:
     (entry,) = client.simulate_get("/v1/models").json["models"]
-    assert list(entry)[-2:] == ["labels", "metadata"], f"/v1/models adds labels and metadata after it: {entry}"
-    return {key: value for key, value in entry.items() if key not in ("labels", "metadata")}
+    added = ["serving", "active", "labels", "metadata"]
+    assert list(entry)[-4:] == added, f"/v1/models adds the version's roles, labels and metadata after it: {entry}"
+    return {key: value for key, value in entry.items() if key not in added}
 
 
 def from_check_command(client: falcon.testing.TestClient, capsys: pytest.CaptureFixture) -> dict[str, Any]:

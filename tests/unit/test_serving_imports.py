@@ -30,6 +30,19 @@ TRAINING_ONLY = (
 # (module file, imported name): each serving-side import of a training-only module, and why.
 ALLOWED = {
     ("cli.py", "falcon_svc.training.train_cli"): "`falcon-svc train`, imported inside the command when it runs",
+    **{
+        ("store_commands.py", name): "`falcon-svc models` scores (gate) and shows (report) inside the command"
+        for name in (
+            "falcon_svc.training.gate",
+            "falcon_svc.training.gate.check_gate",
+            "falcon_svc.training.gate.default_gate_sets",
+            "falcon_svc.training.report",
+            "falcon_svc.training.report.ReportError",
+            "falcon_svc.training.report.load_report",
+            "falcon_svc.training.report_text",
+            "falcon_svc.training.report_text.render_report",
+        )
+    },
 }
 
 

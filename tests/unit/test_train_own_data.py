@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
+from toy_models import labelled_rows, write_csv
 
 from falcon_svc.model import load_model
 from falcon_svc.training import train_cli
 from falcon_svc.training.data import MIN_ROWS_PER_LABEL, TrainingDataError, load_labelled_csv
-
-SUBJECTS = ["The delivery", "The support team", "The hotel room", "My order", "The app", "The battery"]
-WORDS = {
-    "positive": ["was wonderful", "was excellent, thank you", "made me happy", "is great value"],
-    "negative": ["was terrible", "broke after a day, awful", "made me angry", "is a waste of money"],
-    "neutral": ["arrived on Tuesday", "is blue", "has two buttons", "was delivered to the office"],
-}
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, ...] = ("text", "label")) -> Path:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def labelled_rows() -> list[tuple[str, str]]:
-    return [
-        (f"{subject} {phrase}.", label)
-        for label, phrases in WORDS.items()
-        for subject in SUBJECTS
-        for phrase in phrases
-    ]
 
 
 def test_a_model_trains_on_a_small_csv_and_scores_each_eval_set(tmp_path: Path, capsys) -> None:
@@ -54,7 +30,9 @@ def test_a_model_trains_on_a_small_csv_and_scores_each_eval_set(tmp_path: Path, 
     assert metadata["metrics"]["holdout"]["source"] == str(holdout)
     behaviour = metadata["behaviour"]
     assert 0 <= behaviour["pass_rate"] <= 1 and "negation" in behaviour["capabilities"], behaviour
-    assert "behavioural suite:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "behavioural suite:" in out and f"evaluation report: {output / 'report.json'}" in out, out
+    assert set(json.loads((output / "report.json").read_text())["sets"]) == set(metadata["metrics"])
     model = load_model(output)
     assert [p.label for p in model.predict(["The battery was wonderful.", "The app was terrible."])] == [
         "positive",
