@@ -427,7 +427,8 @@ def test_readyz_through_nginx_says_status_only(proxy):
 
 def test_models_through_nginx_show_no_training_metadata(proxy):
     status, _, body = call(proxy.port, "GET", "/v1/models")
-    assert status == 200 and [set(entry) for entry in body["models"]] == [{"name", "version", "labels"}], body
+    public = {"name", "version", "labels", "serving", "active"}
+    assert status == 200 and [set(entry) for entry in body["models"]] == [public], body
 
 
 def test_stub_status_answers_on_the_loopback_status_port(proxy):

@@ -144,7 +144,7 @@ def test_model_metadata_goes_to_loopback_only(default_service):
     (internal,) = call(default_service, "GET", "/v1/models")[2]["models"]
     assert "metadata" in internal, internal
     (public,) = call(default_service, "GET", "/v1/models", headers={"X-Forwarded-For": "203.0.113.7"})[2]["models"]
-    assert set(public) == {"name", "version", "labels"}, public
+    assert set(public) == {"name", "version", "labels", "serving", "active"}, public
 
 
 def test_metrics_follow_the_peer_address_not_just_loopback(dummy_model_dir, tmp_path):
