@@ -33,7 +33,7 @@ TEST_MODEL_DIR := models/sentiment
 
 .PHONY: help venv lock deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health load-test-baseline load-test-stress load-test-spike load-test-soak bench-peers \
-  sweep-load sweep-workers plots profile
+  sweep-load sweep-workers plots profile e2e-fleet-boot e2e-fleet-down
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -193,6 +193,14 @@ e2e-down:  ## Shut the nspawn host down
 
 e2e: e2e-system-deps $(STAMP) $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
+
+# Issue 15, first stage: the fleet's four hosts on a private bridge (docs/SYSTEMD_HOST.md, section 7).
+# Not in CI yet: nothing is provisioned on them so far.
+e2e-fleet-boot: e2e-system-deps  ## Boot the four fleet hosts on their private bridge, check them, tear them down
+	bash scripts/e2e_fleet.sh up && bash scripts/e2e_fleet.sh check; rc=$$?; bash scripts/e2e_fleet.sh down; exit $$rc
+
+e2e-fleet-down:  ## Tear the fleet hosts down (idempotent)
+	bash scripts/e2e_fleet.sh down
 
 mutation: $(STAMP)  ## Mutation testing of the core modules against the unit tests (slow; not in CI)
 	$(PIP) install -q -r requirements-mutation.txt

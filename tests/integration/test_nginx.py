@@ -189,7 +189,7 @@ def running_nginx(
             TEMPLATE.read_text(),
             {
                 "ansible_managed": "Ansible managed: test render",
-                "falcon_worker_ports": worker_ports,
+                "falcon_upstream_servers": [f"127.0.0.1:{port}" for port in worker_ports],
                 "falcon_nginx_listen": f"{host}:{proxy.port}",
                 "falcon_nginx_status_port": proxy.status_port,
                 "falcon_max_body_size": "2m",
@@ -270,7 +270,11 @@ def test_template_starts_with_the_ansible_managed_banner():
     rendered = render(
         TEMPLATE.read_text(),
         {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())}
-        | {"ansible_managed": "Ansible managed", "falcon_worker_ports": [8001], "falcon_real_ip_from": []}
+        | {
+            "ansible_managed": "Ansible managed",
+            "falcon_upstream_servers": ["127.0.0.1:8001"],
+            "falcon_real_ip_from": [],
+        }
         | {"falcon_tls_enabled": True, "falcon_http_redirect": True, "falcon_plain_http_addresses": []},
     )
     assert rendered.startswith("#\n# Ansible managed\n#\n"), rendered[:80]

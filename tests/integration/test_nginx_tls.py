@@ -247,7 +247,7 @@ def rendered(**variables: object) -> str:
     return render(
         TEMPLATE.read_text(),
         {name: "x" for name in re.findall(r"\{\{ (falcon_\w+) \}\}", TEMPLATE.read_text())}
-        | {"ansible_managed": "m", "falcon_worker_ports": [8001], "falcon_real_ip_from": []}
+        | {"ansible_managed": "m", "falcon_upstream_servers": ["127.0.0.1:8001"], "falcon_real_ip_from": []}
         | {"falcon_plain_http_addresses": ["127.0.0.1"]}
         | variables,
     )

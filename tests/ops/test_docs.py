@@ -213,11 +213,20 @@ def role_units() -> set[str]:
             name = module.get("name")
             if not name:
                 continue
-            items = task.get("loop") if "{{ item }}" in name and isinstance(task.get("loop"), list) else [None]
+            loop = derived_loop(task.get("loop"))
+            items = loop if "{{ item }}" in name and isinstance(loop, list) else [None]
             for item in items:
                 unit = name.replace("{{ item }}", str(item)) if item is not None else name
                 units.add(re.sub(r"@\{\{.*?\}\}", "@", unit).removesuffix(".service"))
     return units
+
+
+def derived_loop(loop: object) -> object:
+    """Resolve a loop over a role's derived list to that list at the role's defaults."""
+    if loop == "{{ _exporters_names }}":
+        defaults = yaml.safe_load((ROLES_DIR / "exporters" / "defaults" / "main.yml").read_text(encoding="utf-8"))
+        return [f"prometheus-{name}-exporter" for name in defaults["exporters_enabled"]]
+    return loop
 
 
 def repo_units() -> set[str]:
