@@ -444,7 +444,7 @@ def roll_back(store: CanaryStore, plan: Plan, active: str, hooks: Hooks) -> None
 
 def add_canary_command(actions: Any) -> None:
     """Add ``canary`` to the ``falcon-svc models`` subcommands (``--store`` and ``--env-file`` are theirs)."""
-    from falcon_svc.store_commands import add_gate_arguments
+    from falcon_svc.store_commands import add_gate_arguments, port_list
 
     limits = Limits()
     parser = actions.add_parser(
@@ -452,7 +452,7 @@ def add_canary_command(actions: Any) -> None:
         help="serve VERSION on one unit, compare it with the others via Prometheus, then promote or roll back",
     )
     parser.add_argument("version", metavar="VERSION")
-    parser.add_argument("--ports", required=True, type=_ports, help="the host's worker ports, e.g. 8001,8002")
+    parser.add_argument("--ports", required=True, type=port_list, help="the host's worker ports, e.g. 8001,8002")
     parser.add_argument("--canary-port", type=int, help="the unit that tries VERSION first (default: the first port)")
     parser.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL (%(default)s)")
     parser.add_argument("--job", default="falcon", help="the Prometheus job of the units (%(default)s)")
@@ -489,16 +489,6 @@ def add_canary_command(actions: Any) -> None:
     parser.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="the model store (default MODEL_STORE)")
     add_gate_arguments(parser)
     parser.set_defaults(handler=canary_command)
-
-
-def _ports(text: str) -> tuple[int, ...]:
-    try:
-        ports = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as ex:
-        raise argparse.ArgumentTypeError(f"expected ports like 8001,8002, got {text!r}") from ex
-    if not ports or any(not 1 <= port <= 65535 for port in ports) or len(set(ports)) != len(ports):
-        raise argparse.ArgumentTypeError(f"expected distinct ports like 8001,8002, got {text!r}")
-    return ports
 
 
 def _positive_int(text: str) -> int:

@@ -94,7 +94,9 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_reload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reload", action="store_true", help="then reload the worker units, one at a time")
-    parser.add_argument("--ports", help="the units to reload, e.g. 8001,8002 (default: every active unit)")
+    parser.add_argument(
+        "--ports", type=port_list, help="the units to reload, e.g. 8001,8002 (default: every active unit)"
+    )
 
 
 # --- commands -------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def reload_if_asked(store: ModelStore, args: argparse.Namespace) -> None:
         return
     from falcon_svc.rollout import reload_and_wait, worker_ports
 
-    ports = parse_ports(args.ports) if args.ports else worker_ports()
+    ports = list(args.ports) if args.ports else worker_ports()
     if not ports:
         raise CommandError("no active falcon-worker@ unit to reload")
 
@@ -340,13 +342,14 @@ def open_store(args: argparse.Namespace, settings: Settings) -> ModelStore:
     return ModelStore(root)
 
 
-def parse_ports(value: str) -> list[int]:
+def port_list(text: str) -> tuple[int, ...]:
+    """Parse ``--ports 8001,8002`` (an argparse type, shared with ``canary``): distinct TCP ports."""
     try:
-        ports = [int(port) for port in value.split(",") if port.strip()]
+        ports = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as ex:
-        raise CommandError(f"--ports {value!r}: expected ports like 8001,8002") from ex
-    if not ports or not all(0 < port < 65536 for port in ports):
-        raise CommandError(f"--ports {value!r}: expected ports like 8001,8002")
+        raise argparse.ArgumentTypeError(f"expected ports like 8001,8002, got {text!r}") from ex
+    if not ports or any(not 1 <= port <= 65535 for port in ports) or len(set(ports)) != len(ports):
+        raise argparse.ArgumentTypeError(f"expected distinct ports like 8001,8002, got {text!r}")
     return ports
 
 
