@@ -25,7 +25,7 @@ LOAD_DOTENV := if [ -f .env ]; then saved=$$(export -p); set -a; . ./.env; set +
 # missing one fails under CI). chromium and chromium-driver: the browser tests; gpg and
 # gpg-agent (key generation needs the agent): the Grafana key test.
 TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node-exporter \
-  prometheus-alertmanager systemd chromium chromium-driver gpg gpg-agent
+  prometheus-alertmanager systemd chromium chromium-driver gpg gpg-agent nftables
 # What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
 E2E_SYSTEM_PACKAGES := debootstrap systemd-container openssh-client openssl iproute2
 # tests/ops/test_model_quality.py checks the model here, whatever MODEL_DIR says.
@@ -33,7 +33,7 @@ TEST_MODEL_DIR := models/sentiment
 
 .PHONY: help venv lock deploy-tools run test test-unit lint audit model bench mutation e2e e2e-up e2e-check e2e-down clean system-deps \
   e2e-system-deps check-health load-test-baseline load-test-stress load-test-spike load-test-soak bench-peers \
-  sweep-load sweep-workers plots profile e2e-fleet-boot e2e-fleet-down
+  sweep-load sweep-workers plots profile e2e-fleet e2e-fleet-up e2e-fleet-boot e2e-fleet-down
 
 help:  ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -194,8 +194,15 @@ e2e-down:  ## Shut the nspawn host down
 e2e: e2e-system-deps $(STAMP) $(DEPLOY_STAMP)  ## Boot, provision twice (changed=0), all checks and fault scripts, shut down
 	bash scripts/e2e.sh test
 
-# Issue 15, first stage: the fleet's four hosts on a private bridge (docs/SYSTEMD_HOST.md, section 7).
-# Not in CI yet: nothing is provisioned on them so far.
+# The fleet: four Debian 12 hosts (lb, app1, app2, data + monitoring) on a private bridge with
+# no route off this machine (docs/SYSTEMD_HOST.md, section 7; docs/SCALING.md). The model
+# is trained here once and shipped to the app hosts.
+e2e-fleet: e2e-system-deps $(STAMP) $(DEPLOY_STAMP) model  ## Four hosts: provision twice (changed=0), fleet checks and drills, always torn down
+	E2E_FLEET_MODEL_DIR='$(abspath $(MODEL_DIR))' bash scripts/e2e_fleet.sh test
+
+e2e-fleet-up: e2e-system-deps $(STAMP) $(DEPLOY_STAMP) model  ## Boot and provision the four fleet hosts, leave them running
+	export E2E_FLEET_MODEL_DIR='$(abspath $(MODEL_DIR))'; bash scripts/e2e_fleet.sh up && bash scripts/e2e_fleet.sh provision
+
 e2e-fleet-boot: e2e-system-deps  ## Boot the four fleet hosts on their private bridge, check them, tear them down
 	bash scripts/e2e_fleet.sh up && bash scripts/e2e_fleet.sh check; rc=$$?; bash scripts/e2e_fleet.sh down; exit $$rc
 

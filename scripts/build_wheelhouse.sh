@@ -17,7 +17,8 @@
 #   build_wheelhouse.sh package OUT_DIR
 #       falcon-svc's own wheel, from a clean copy of the sources, reproducible
 #       (SOURCE_DATE_EPOCH): the same sources give the same file, so copying it to a
-#       host changes nothing on a second run. Prints the wheel's path.
+#       host changes nothing on a second run. Written to OUT_DIR/<digest>/; prints the
+#       wheel's path.
 #
 # The wheels are for the Python that builds them: PYTHON (default python3) must be the
 # host's minor version and architecture (the role checks). Environment: PIP_ARGS, extra
@@ -108,8 +109,14 @@ case $mode in
     SOURCE_DATE_EPOCH=315532800 "$venv/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation \
       --no-index --wheel-dir "$work/wheel" "$work/src"
     wheel=$(find "$work/wheel" -name 'falcon_svc-*.whl')
-    cmp -s "$wheel" "$target/$(basename "$wheel")" || cp "$wheel" "$target/"
-    echo "$target/$(basename "$wheel")"
+    # In a directory named by its digest: two checkouts deploying from one controller (a
+    # branch and main, CI beside a developer) never swap each other's wheel under a play.
+    out=$target/$(sha256sum "$wheel" | cut -c1-16)
+    mkdir -p "$out"
+    cmp -s "$wheel" "$out/$(basename "$wheel")" || cp "$wheel" "$out/"
+    # Other sources' wheels: kept a week (a play from another checkout may still copy one).
+    find "$target" -mindepth 1 -maxdepth 1 -type d -mtime +7 -exec rm -rf {} +
+    echo "$out/$(basename "$wheel")"
     ;;
   *)
     echo "$usage" >&2

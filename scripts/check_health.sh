@@ -27,8 +27,9 @@ DEFAULT_SPOOL_DIR=/var/lib/falcon-svc/spool
 SERVICE_UNITS=(nginx redis-server postgresql prometheus prometheus-alertmanager prometheus-node-exporter
   prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter
   falcon-svc-retention.timer falcon-svc-backup.timer)
-# Installed only where the role may install them (grafana_install_package: false skips it).
-OPTIONAL_UNITS=(grafana-server)
+# Installed only where the roles may install them (grafana_install_package: false skips
+# Grafana; the host firewall's unit exists only with firewall_enabled: true).
+OPTIONAL_UNITS=(grafana-server falcon-firewall)
 
 WAIT_SECONDS=0
 FAILED=0

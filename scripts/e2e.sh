@@ -8,6 +8,8 @@
 #   scripts/e2e.sh down       stop it (kill -TERM nspawn) and remove the run copy
 #   scripts/e2e.sh test       boot, provision, provision again (must report changed=0),
 #                             scripts/e2e_checks.sh; the host is always shut down
+#   scripts/e2e.sh pristine   build the cached pristine root (debootstrap) unless it is there;
+#                             scripts/e2e_fleet.sh builds its hosts' roots from it
 #
 # The host shares this machine's network namespace, so the service ports below must
 # be free before booting. Environment:
@@ -233,5 +235,6 @@ case ${1:-} in
   provision) provision "$RUN_DIR/provision.log" ;;
   down) cmd_down ;;
   test) cmd_test ;;
-  *) echo "usage: $0 up|provision|down|test" >&2; exit 2 ;;
+  pristine) require_tools && ensure_pristine ;;
+  *) echo "usage: $0 up|provision|down|test|pristine" >&2; exit 2 ;;
 esac

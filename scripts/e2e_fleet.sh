@@ -11,6 +11,10 @@
 #   scripts/e2e_fleet.sh down            stop everything `up` made, by exact names; idempotent
 #   scripts/e2e_fleet.sh power-off HOST  cut HOST's link, then SIGKILL its nspawn (the drills)
 #   scripts/e2e_fleet.sh start HOST      boot a stopped HOST again from its own root
+#   scripts/e2e_fleet.sh provision       run ansible/site.yml over the four (firewall on)
+#   scripts/e2e_fleet.sh test            up, the isolation checks, provision twice (the second
+#                                        must report changed=0 on every host), the fleet checks
+#                                        and drills (scripts/e2e_fleet_drills.sh); always down
 #
 # The packages the roles install are downloaded into the hosts' root before boot (seed, cached
 # by a digest of the list and of the pristine root): the bridge never needs a way out.
@@ -21,12 +25,19 @@
 #   E2E_FLEET_ROOT     overlay (default: every root an overlayfs over the seed) or copy (cp -a)
 set -euo pipefail
 
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_DIR=${E2E_CACHE_DIR:-/var/cache/falcon-e2e}
 PRISTINE=$CACHE_DIR/rootfs-pristine
 SEED_PREFIX=$CACHE_DIR/rootfs-fleet-seed-
 RUN_DIR=${E2E_FLEET_RUN_DIR:-/tmp/falcon-fleet}
 KEY=$RUN_DIR/id_ed25519
 INVENTORY=$RUN_DIR/inventory.ini
+# The secrets, the model and the e2e settings, as extra vars (they outrank group_vars/all.yml's
+# placeholders); 0600, generated per run.
+EXTRA_VARS=$RUN_DIR/extra-vars.yml
+ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
+# The model every app host serves: trained once on the controller (make model), shipped.
+MODEL_SRC=${E2E_FLEET_MODEL_DIR:-$REPO_DIR/models/sentiment}
 # Set when this script made /run/netns a mount point (`ip netns add` does on first use), so
 # `down` undoes exactly that and nothing another tool made.
 NETNS_MOUNT_MARK=$RUN_DIR/netns-mount-ours
@@ -137,8 +148,8 @@ require_tools() {
     log "installing ${missing[*]}"
     apt-get install -y "${missing[@]}" >/dev/null
   fi
-  [[ -x $PRISTINE/usr/sbin/sshd && -x $PRISTINE/lib/systemd/systemd ]] \
-    || die "no pristine root in $PRISTINE: run 'scripts/e2e.sh up' (or make e2e) once to build it"
+  # The single-host e2e's debootstrap root, built once and shared (same E2E_CACHE_DIR).
+  E2E_CACHE_DIR=$CACHE_DIR bash "$REPO_DIR/scripts/e2e.sh" pristine
 }
 
 # The seed's directory: named by a digest of the package list and of the pristine root's
@@ -312,9 +323,74 @@ write_inventory() {
       printf '[falcon_app]\n%s\n%s\n\n' "$(host_line app1)" "$(host_line app2)"
       printf '[falcon_data]\n%s\n\n' "$(host_line data)"
       printf '[falcon_monitoring]\ndata\n\n'
-      printf '[falcon:children]\nfalcon_lb\nfalcon_app\nfalcon_data\nfalcon_monitoring\n'
+      printf '[falcon:children]\nfalcon_lb\nfalcon_app\nfalcon_data\nfalcon_monitoring\n\n'
+      # group_vars/e2e.yml: the drills' API key (its SHA-256 on the hosts).
+      printf '[e2e:children]\nfalcon\n'
     } >"$INVENTORY"
   )
+  write_extra_vars
+}
+
+# Fresh secrets per run, a shared request-log HMAC key and the shipped model (more than one
+# app host needs both: ansible/tasks/layout.yml), the firewall on, and apt offline: the
+# seed's package lists are the hosts' only ones, so the cache is never "too old" to use.
+write_extra_vars() {
+  local name
+  (
+    umask 077
+    {
+      for name in vault_redis_password vault_redis_exporter_password vault_postgresql_owner_password \
+        vault_postgresql_writer_password vault_grafana_admin_password; do
+        printf '%s: "%s"\n' "$name" "$(openssl rand -hex 24)"
+      done
+      printf 'vault_falcon_svc_e2e_api_key: "fsk_e2e_%s"\n' "$(openssl rand -hex 32)"
+      printf 'falcon_svc_log_text_hmac_secret: "%s"\n' "$(openssl rand -hex 32)"
+      printf 'falcon_svc_model_src: "%s"\n' "$MODEL_SRC"
+      printf 'firewall_enabled: true\n'
+      printf 'grafana_install_package: false\nprometheus_alertmanager_notify: false\n'
+      printf 'common_apt_cache_valid_time: 315360000\nfirewall_apt_cache_valid_time: 315360000\n'
+    } >"$EXTRA_VARS"
+  )
+}
+
+# provision LOG: ansible-playbook site.yml over the four hosts; the output goes to LOG too.
+cmd_provision() {
+  local out=${1:-$RUN_DIR/provision.log} start rc=0
+  [[ -f $INVENTORY ]] || die "no fleet running: run '$0 up' first"
+  [[ -f $MODEL_SRC/model.joblib ]] || die "no trained model in $MODEL_SRC: run 'make model MODEL_DIR=$MODEL_SRC'"
+  start=$(date +%s)
+  log "ansible-playbook site.yml over ${HOSTS[*]} (output: $out)"
+  (cd "$REPO_DIR/ansible" && "$ANSIBLE_PLAYBOOK" -i "$INVENTORY" -e "@$EXTRA_VARS" site.yml) >"$out" 2>&1 || rc=$?
+  log "playbook exit $rc after $(($(date +%s) - start)) s"
+  grep -E '^(lb|app1|app2|data) +:' "$out" | tr -s ' ' >&2 || true
+  if ((rc != 0)); then
+    grep -E -A12 '^(fatal|failed):' "$out" | head -60 >&2 || true
+  fi
+  return "$rc"
+}
+
+# The PLAY RECAP's changed= counts of a playbook log, summed over the hosts.
+changed_total() { sed -nE 's/^(lb|app1|app2|data) +:.* changed=([0-9]+).*/\2/p' "$1" | awk '{ sum += $1 } END { print sum + 0 }'; }
+
+cmd_test() {
+  local started changed
+  started=$(date +%s)
+  trap 'rc=$?; trap - EXIT; if [[ -z ${E2E_KEEP:-} ]]; then cmd_down; fi; exit $rc' EXIT
+  trap 'exit 130' INT TERM
+  cmd_up
+  trap 'rc=$?; trap - EXIT; if [[ -z ${E2E_KEEP:-} ]]; then cmd_down; fi; exit $rc' EXIT
+  trap 'exit 130' INT TERM
+  check_network
+  cmd_provision "$RUN_DIR/provision-1.log" || die "the first playbook run failed"
+  cmd_provision "$RUN_DIR/provision-2.log" || die "the second playbook run failed"
+  changed=$(changed_total "$RUN_DIR/provision-2.log")
+  if [[ $changed != 0 ]]; then
+    grep -B3 -E '^changed:' "$RUN_DIR/provision-2.log" | grep -E '^(TASK|RUNNING HANDLER)' >&2 || true
+    die "the second playbook run changed $changed things (want changed=0); tasks above"
+  fi
+  log "second playbook run: changed=0 on ${HOSTS[*]}"
+  E2E_FLEET_RUN_DIR=$RUN_DIR bash "$REPO_DIR/scripts/e2e_fleet_drills.sh"
+  log "fleet end to end: PASS in $(($(date +%s) - started)) s"
 }
 
 cmd_up() {
@@ -454,10 +530,11 @@ check_others_intact() {
   done
 }
 
-cmd_check() {
-  local n peer gw mirror state rc cg start failed=0
+# The layout: systemd in every host, peers reach each other over the bridge, nothing off it
+# is reachable, nft works offline.
+check_network() {
+  local n peer gw mirror state rc cg failed=0
   [[ -f $INVENTORY ]] || die "no fleet running: run '$0 up' first"
-  declare -gA FINGERPRINT=()
   gw=$(ip route show default | awk '{print $3; exit}')
   [[ -n $gw ]] || die "this machine has no default gateway to probe"
   # A destination off the machine that the controller does reach (the seed came from it):
@@ -520,7 +597,12 @@ cmd_check() {
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
   ((failed == 0)) || die "nft (installed offline from the seed) does not work in every host"
   log "nftables installed offline from the seed and 'nft list ruleset' works on ${HOSTS[*]}"
+}
 
+cmd_check() {
+  local n rc start
+  check_network
+  declare -gA FINGERPRINT=()
   for n in "${HOSTS[@]}"; do FINGERPRINT[$n]=$(host_fingerprint "$n"); done
   start=$(date +%s)
   stop_hosts app1
@@ -545,5 +627,7 @@ case ${1:-} in
   down) cmd_down ;;
   power-off) cmd_power_off "${2:?usage: $0 power-off HOST}" ;;
   start) cmd_start "${2:?usage: $0 start HOST}" ;;
-  *) echo "usage: $0 up|check|down|power-off HOST|start HOST" >&2; exit 2 ;;
+  provision) cmd_provision "$RUN_DIR/provision.log" ;;
+  test) cmd_test ;;
+  *) echo "usage: $0 up|check|down|power-off HOST|start HOST|provision|test" >&2; exit 2 ;;
 esac

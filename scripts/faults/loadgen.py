@@ -64,6 +64,8 @@ class Tally:
     # (wall-clock send time, latency ms, status or error) of every request, for --timeline.
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    # Request ids answered 2xx, for --answered: a drill matches them with request_log rows.
+    answered: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(
@@ -92,6 +94,8 @@ class Tally:
                 self.idempotency[idem] += 1
             self.cache_hits += cache_hit
             failed = error is not None or status is None or not 200 <= status < 300
+            if not failed:
+                self.answered.append(request_id)
             if failed and len(self.failures) < 20:
                 self.failures.append(
                     {"t": round(offset, 3), "request_id": request_id, "status": status, "error": error}
@@ -296,6 +300,7 @@ def main() -> int:
     parser.add_argument("--ready-file", help="burst: created once every request is sent")
     parser.add_argument("--out", help="also write the JSON summary here")
     parser.add_argument("--stop-file", help="steady: stop early once this file exists")
+    parser.add_argument("--answered", help="write the request id of every 2xx answer here, one per line")
     parser.add_argument("--timeline", help="write one line per request: wall-clock send time, latency ms, status")
     args = parser.parse_args()
 
@@ -316,6 +321,8 @@ def main() -> int:
     if args.timeline:
         lines = (f"{sent:.6f} {ms:.3f} {status}\n" for sent, ms, status in sorted(tally.timeline))
         pathlib.Path(args.timeline).write_text("".join(lines))
+    if args.answered:
+        pathlib.Path(args.answered).write_text("".join(f"{request_id}\n" for request_id in sorted(tally.answered)))
     if args.out:
         pathlib.Path(args.out).write_text(text + "\n")
     print(text)

@@ -34,6 +34,7 @@ TEMPLATES = sorted((ANSIBLE_DIR / "roles").glob("*/templates/**/*.j2"))
 BIN_DIR = REPO_ROOT / os.environ.get("ANSIBLE_BIN_DIR", ".venv-deploy/bin")
 SITE_ROLES = [
     "common",
+    "firewall",
     "redis",
     "postgresql",
     "falcon_svc",
@@ -58,9 +59,25 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_site_runs_every_role_in_order() -> None:
+    """Every role once, in the order of one host's install (the plays run one after another)."""
     site = yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())
-    assert [r["role"] for r in site[0]["roles"]] == SITE_ROLES
+    assert [r["role"] for play in site for r in play.get("roles", [])] == SITE_ROLES
     assert sorted(SITE_ROLES) == [r.name for r in ROLES]
+
+
+def test_site_plays_target_their_group_and_standalone_hosts() -> None:
+    """Each role's play runs on its inventory group, and on hosts in none (the [falcon]-only inventories)."""
+    plays = {
+        tuple(r["role"] for r in play.get("roles", [])): set(play["hosts"].split(":"))
+        for play in yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())
+    }
+    every = {"falcon_standalone", "falcon_lb", "falcon_app", "falcon_data", "falcon_monitoring"}
+    assert plays[("redis", "postgresql")] == {"falcon_standalone", "falcon_data"}
+    assert plays[("falcon_svc",)] == {"falcon_standalone", "falcon_app"}
+    assert plays[("nginx",)] == {"falcon_standalone", "falcon_lb"}
+    assert plays[("prometheus", "grafana")] == {"falcon_standalone", "falcon_monitoring"}
+    assert plays[("common", "firewall")] == every
+    assert plays[("node_exporter", "exporters")] == every
 
 
 @pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
@@ -101,7 +118,7 @@ def test_template_starts_with_ansible_managed(template: Path) -> None:
     assert template.read_text().startswith("{{ ansible_managed | comment }}\n")
 
 
-@pytest.mark.parametrize("playbook", ["site.yml", "deploy-model.yml"])
+@pytest.mark.parametrize("playbook", ["site.yml", "deploy-model.yml", "deploy.yml"])
 def test_syntax_check(playbook: str) -> None:
     result = _run(_tool("ansible-playbook"), "--syntax-check", "-i", "inventory.example.ini", playbook)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -191,10 +191,24 @@ def ansible_variables() -> set[str]:
         defaults = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         names.update(defaults)
         names.update(v for v in defaults.values() if isinstance(v, str) and re.fullmatch(r"[a-z][a-z0-9_]*", v))
-    names.update(yaml.safe_load((REPO_ROOT / "ansible" / "group_vars" / "all.yml").read_text(encoding="utf-8")))
+    for path in (REPO_ROOT / "ansible" / "group_vars").glob("*.yml"):
+        names.update(yaml.safe_load(path.read_text(encoding="utf-8")))
+    names.update(inventory_names())
     for path in ROLES_DIR.glob("*/meta/argument_specs.yml"):
         names.update(yaml.safe_load(path.read_text(encoding="utf-8"))["argument_specs"]["main"]["options"])
     return names
+
+
+def inventory_names() -> set[str]:
+    """The groups and host variables of the example inventory, its commented fleet too.
+
+    Docs name the layout's groups (`falcon_app`) and the host variable each fleet host
+    sets on its line (`falcon_private_address`): the inventory is where they exist.
+    """
+    text = (REPO_ROOT / "ansible" / "inventory.example.ini").read_text(encoding="utf-8")
+    groups = re.findall(r"^[#\s]*\[([a-z][a-z0-9_]*)(?::children)?\]", text, re.MULTILINE)
+    host_variables = re.findall(r"\s([a-z][a-z0-9_]*)=", text)
+    return set(groups) | set(host_variables)
 
 
 def _tasks(path: Path) -> Iterator[dict]:

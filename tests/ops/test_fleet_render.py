@@ -63,6 +63,8 @@ FLEET_VARS: dict[str, Any] = {
     # host has), so a host that died with both its units cannot use up a request's tries.
     "nginx_upstream_servers": [f"{address}:{port}" for address in (APP1, APP2) for port in PORTS],
     "nginx_next_upstream_tries": 2 * len(PORTS),
+    # A request stuck on a host that went silent is passed on before proxy_next_upstream_timeout.
+    "nginx_proxy_read_timeout": "5s",
     # The monitoring host: every host's exporters and units, each with its host label.
     "prometheus_job_targets": {
         "falcon": [
@@ -173,6 +175,7 @@ def test_fleet_load_balancer_spreads_over_both_app_hosts(rendered: Path) -> None
     servers = [line.split()[1] for line in site.splitlines() if line.strip().startswith("server ") and ":80" in line]
     assert servers == [f"{APP1}:8001", f"{APP1}:8002", f"{APP2}:8001", f"{APP2}:8002"], servers
     assert "    proxy_next_upstream_tries 4;\n" in site, "tries must be more than one host's 2 units"
+    assert "    proxy_read_timeout 5s;\n" in site and "    proxy_next_upstream_timeout 10s;\n" in site
     assert f"server 127.0.0.1:{PORTS[0]}" not in site
 
 
