@@ -23,7 +23,8 @@ LOAD_DOTENV := if [ -f .env ]; then saved=$$(export -p); set -a; . ./.env; set +
 
 # The Debian packages whose binaries and servers the tests run (tests/tools.py: a
 # missing one fails under CI). chromium and chromium-driver: the browser tests; gpg and
-# gpg-agent (key generation needs the agent): the Grafana key test.
+# gpg-agent (key generation needs the agent): the Grafana key test; nftables (nft): the
+# firewall role's tests (tests/ops/test_firewall.py).
 TEST_SYSTEM_PACKAGES := nginx redis-server postgresql prometheus prometheus-node-exporter \
   prometheus-alertmanager systemd chromium chromium-driver gpg gpg-agent nftables
 # What `make e2e` runs on this machine: debootstrap, systemd-nspawn, ssh, openssl, ss.
