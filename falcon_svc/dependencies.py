@@ -23,6 +23,7 @@ from falcon_svc import metrics
 from falcon_svc.cache import ResponseCache
 from falcon_svc.idempotency import IdempotencyStore
 from falcon_svc.redact import redact
+from falcon_svc.redis_tls import PinnedCATLSConnection
 from falcon_svc.requestlog import PostgresWriter, RequestLog, Spool, WriteAheadLog
 from falcon_svc.resilience import CircuitBreaker, RecoveryProbe, RetryPolicy, State, guarded_call
 from falcon_svc.settings import Settings
@@ -65,8 +66,11 @@ def make_redis_client(settings: Settings) -> redis.Redis:
     a failed read is a miss, never a wait, so its retries are switched off.
     """
     timeout = settings.redis_timeout_ms / 1000.0
+    # rediss://: trust only the URL's ssl_ca_certs, with one context (redis_tls.py says why).
+    tls = {"connection_class": PinnedCATLSConnection} if settings.redis_url.startswith("rediss:") else {}
     return redis.Redis.from_url(
         settings.redis_url,
+        **tls,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),

@@ -23,6 +23,7 @@
 #                      with scripts/e2e.sh, which builds the pristine root)
 #   E2E_FLEET_RUN_DIR  per-run state: roots, key, inventory, logs (default /tmp/falcon-fleet)
 #   E2E_FLEET_ROOT     overlay (default: every root an overlayfs over the seed) or copy (cp -a)
+#   E2E_FLEET_LOG_DIR  where `down` keeps the run's logs (default /tmp/falcon-fleet-logs)
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +31,7 @@ CACHE_DIR=${E2E_CACHE_DIR:-/var/cache/falcon-e2e}
 PRISTINE=$CACHE_DIR/rootfs-pristine
 SEED_PREFIX=$CACHE_DIR/rootfs-fleet-seed-
 RUN_DIR=${E2E_FLEET_RUN_DIR:-/tmp/falcon-fleet}
+LOG_DIR=${E2E_FLEET_LOG_DIR:-$RUN_DIR-logs}
 KEY=$RUN_DIR/id_ed25519
 INVENTORY=$RUN_DIR/inventory.ini
 # The secrets, the model and the e2e settings, as extra vars (they outrank group_vars/all.yml's
@@ -331,11 +333,27 @@ write_inventory() {
   write_extra_vars
 }
 
+# A throw-away CA and the data host's server certificate (names its private address, the
+# one the app hosts verify, and 127.0.0.1), for PostgreSQL's and Redis's TLS.
+make_tls() {
+  local dir=$RUN_DIR/tls
+  rm -rf "$dir" && mkdir -m 700 "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=falcon-fleet-e2e-ca -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=data \
+    -keyout "$dir/data.key" -out "$dir/data.csr" 2>/dev/null
+  printf 'subjectAltName=IP:%s,IP:127.0.0.1,DNS:data\nextendedKeyUsage=serverAuth\n' "${ADDRESS[data]}" >"$dir/data.ext"
+  openssl x509 -req -in "$dir/data.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/data.ext" -out "$dir/data.crt" 2>/dev/null
+}
+
 # Fresh secrets per run, a shared request-log HMAC key and the shipped model (more than one
-# app host needs both: ansible/tasks/layout.yml), the firewall on, and apt offline: the
-# seed's package lists are the hosts' only ones, so the cache is never "too old" to use.
+# app host needs both: ansible/tasks/layout.yml), the firewall on, TLS to PostgreSQL and
+# Redis, and apt offline: the seed's package lists are the hosts' only ones, so the cache
+# is never "too old" to use.
 write_extra_vars() {
-  local name
+  local name tls=$RUN_DIR/tls
+  make_tls
   (
     umask 077
     {
@@ -347,6 +365,9 @@ write_extra_vars() {
       printf 'falcon_svc_log_text_hmac_secret: "%s"\n' "$(openssl rand -hex 32)"
       printf 'falcon_svc_model_src: "%s"\n' "$MODEL_SRC"
       printf 'firewall_enabled: true\n'
+      printf 'postgresql_tls_cert_src: %s\npostgresql_tls_key_src: %s\n' "$tls/data.crt" "$tls/data.key"
+      printf 'redis_tls_cert_src: %s\nredis_tls_key_src: %s\nredis_tls_ca_src: %s\n' "$tls/data.crt" "$tls/data.key" "$tls/ca.crt"
+      printf 'falcon_svc_db_tls_ca_src: %s\nfalcon_svc_redis_tls_ca_src: %s\n' "$tls/ca.crt" "$tls/ca.crt"
       printf 'grafana_install_package: false\nprometheus_alertmanager_notify: false\n'
       printf 'common_apt_cache_valid_time: 315360000\nfirewall_apt_cache_valid_time: 315360000\n'
     } >"$EXTRA_VARS"
@@ -481,8 +502,17 @@ cmd_down() {
   if findmnt -rn -o TARGET | grep -qF "$RUN_DIR/"; then
     die "still mounted under $RUN_DIR: $(findmnt -rn -o TARGET | grep -F "$RUN_DIR/" | tr '\n' ' ')"
   fi
+  keep_logs
   rm -rf --one-file-system "$RUN_DIR" "$SEED_PREFIX"*.tmp
   return 0
+}
+
+# The run's logs (playbook runs, drills) outlive the tear-down, for a post-mortem:
+# LOG_DIR holds the last run's.
+keep_logs() {
+  [[ -d $RUN_DIR ]] || return 0
+  rm -rf "$LOG_DIR" && mkdir -p "$LOG_DIR"
+  (cd "$RUN_DIR" && find . -maxdepth 2 -name '*.log' -not -path './hosts/*' -exec cp --parents {} "$LOG_DIR/" \;) || true
 }
 
 # A host that vanishes: its link goes down first, so peers see silence (connects time out), not

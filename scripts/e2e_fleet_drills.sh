@@ -15,6 +15,9 @@
 #              gets an answer through the load balancer's HTTPS
 #   firewall   each host's nftables table is loaded; the flows of the roles connect, the
 #              others time out (dropped, not refused)
+#   tls        the app hosts' PostgreSQL and Redis connections are TLS (a cache hit across
+#              app hosts); plain TCP is refused by both. Before the data drill: after a
+#              Redis restart the app hosts' breakers stay open 60 s, and skip the cache.
 #   power_off  app1 powered off mid-load: 0 failed; FalconAppHostDown fires for app1; app1
 #              booted again replays what it served before it died (its write-ahead file)
 #   deploy     ansible/deploy.yml rolls a configuration change across the app hosts
@@ -22,7 +25,7 @@
 #   data       PostgreSQL, then Redis restarted on the data host under load: 0 failed, rows
 #              replayed exactly once
 # Environment: E2E_FLEET_RUN_DIR (default /tmp/falcon-fleet), FLEET_DRILLS (default all of
-# "checks firewall power_off deploy data"), LOAD_CONCURRENCY (default 8).
+# "checks firewall tls power_off deploy data"), LOAD_CONCURRENCY (default 8).
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,7 +41,7 @@ EXTRA_VARS=$RUN_DIR/extra-vars.yml
 FLEET=$REPO_DIR/scripts/e2e_fleet.sh
 ANSIBLE_PLAYBOOK=${ANSIBLE_PLAYBOOK:-$REPO_DIR/.venv-deploy/bin/ansible-playbook}
 LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-8}
-read -r -a DRILLS <<<"${FLEET_DRILLS:-checks firewall power_off deploy data}"
+read -r -a DRILLS <<<"${FLEET_DRILLS:-checks firewall tls power_off deploy data}"
 RUN_ID=fleet-$(date +%s)
 WORK=$RUN_DIR/drills
 # Where FalconAppHostDown must be firing by: scrape timeout 10 s + up to 15 s to the scrape
@@ -212,6 +215,47 @@ drill_checks() {
     test "$code" = 200
 }
 
+# The app hosts reach PostgreSQL and Redis over TLS only (scripts/e2e_fleet.sh gives the data
+# host a certificate): every connection of the writer role from off the data host is TLS, a
+# plain-TCP client is refused by both, and an answer app1 cached is a hit on app2: it went
+# through Redis, whose only port speaks TLS.
+drill_tls() {
+  local sessions plain rc=0
+  sessions=$(psql_data "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+    FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+    WHERE a.usename = 'falcon' AND a.client_addr IS NOT NULL AND a.client_addr <> '127.0.0.1'")
+  check "PostgreSQL: the app hosts' connections are TLS (tls|plain: $sessions)" \
+    python3 -c 'import sys; tls, plain = map(int, sys.argv[1].split("|")); sys.exit(not (tls > 0 and plain == 0))' "$sessions"
+  # pg_hba refuses before any password is asked: no password needed to see it.
+  plain=$(ssh_host app1 "/opt/falcon-svc/venv/bin/python -c 'import psycopg; psycopg.connect(\"host=${ADDRESS[data]} dbname=falcon user=falcon sslmode=disable connect_timeout=5\")' 2>&1" || true)
+  check "PostgreSQL: a plain-TCP login from app1 is refused ($(grep -o 'no pg_hba.conf entry.*' <<<"$plain" | head -1))" \
+    grep -q 'no pg_hba.conf entry.*no encryption' <<<"$plain"
+  plain=$(ssh_host data "timeout 5 redis-cli -h ${ADDRESS[data]} PING 2>&1" || rc=$?)
+  check "Redis: a plain-TCP PING gets no PONG (exit $rc: ${plain//$'\n'/ })" test "$plain" != PONG
+  # Over CACHE_REDIS_MIN_CHARS (256), so the answer is cached in Redis, not only in a worker.
+  local text="TLS drill $RUN_ID: the staff were friendly and the room was clean. " first second
+  text=$text$text$text$text$text
+  first=$(infer_on app1 "$text")
+  sleep 2  # the cache writes from a background thread
+  second=$(infer_on app2 "$text")
+  check "Redis: app1's answer cached over TLS is a hit on app2 (app1 cache_hit=$(json_field "$first" cache_hit), app2 cache_hit=$(json_field "$second" cache_hit))" \
+    test "$(json_field "$first" cache_hit)/$(json_field "$second" cache_hit)" = False/True
+}
+
+# infer_on HOST TEXT: the JSON answer of HOST's first unit, asked from the load balancer (the
+# firewall lets only it and the monitoring host reach a worker).
+infer_on() {
+  local body
+  body=$(python3 -c 'import json, sys; print(json.dumps({"text": sys.argv[1]}))' "$2")
+  printf 'header = "Authorization: Bearer %s"\n' "$API_KEY" | ssh_host lb \
+    "curl -sS -m 10 -K - -H 'Content-Type: application/json' -d $(printf '%q' "$body") http://${ADDRESS[$1]}:8001/infer" || true
+}
+
+# json_field JSON KEY: the value of KEY (Python's repr), or "none" when JSON is not an object with it.
+json_field() { python3 -c 'import json, sys
+try: print(json.loads(sys.argv[1])[sys.argv[2]])
+except Exception: print("none")' "$1" "$2"; }
+
 # connect FROM ADDRESS PORT: the exit status of a 3 s TCP connect from host FROM (124: timed
 # out, the firewall dropped it; 1: refused).
 connect() {
@@ -258,7 +302,7 @@ drill_power_off() {
   load_wait power_off
   check_no_failed power_off
   while (($(date +%s) - off_at < ALERT_WAIT_SECONDS)); do
-    if prom 'ALERTS{alertname="FalconAppHostDown",alertstate="firing",host="app1"}' | grep -q .; then
+    if [[ -n $(prom 'ALERTS{alertname="FalconAppHostDown",alertstate="firing",host="app1"}') ]]; then
       fired=1
       break
     fi

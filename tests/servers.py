@@ -1,7 +1,9 @@
 """Real servers for integration tests: redis-server and PostgreSQL on free loopback ports.
 
 Each runs from a temp dir and can be stopped and started again on the same port,
-so tests can kill a dependency mid-run and bring it back.
+so tests can kill a dependency mid-run and bring it back. Either can serve TLS with
+certificates made here by the openssl CLI (``make_server_tls``), as the Ansible roles
+configure them on a fleet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tools import require_tool
@@ -76,25 +80,105 @@ def resume_process(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-class RedisServer:
-    """A redis-server process owned by a test."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's TLS files (PEM): the CA certificate that signed it, its certificate and its private key."""
 
-    def __init__(self, directory: Path) -> None:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def _openssl(directory: Path, *args: str | Path) -> None:
+    """Run openssl in ``directory``; on failure, raise with what it printed (CalledProcessError would hide it)."""
+    command = [require_tool("openssl", "openssl"), *map(str, args)]
+    result = subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+# EC P-256: a key in milliseconds (an RSA one takes up to a second), and what every client supports.
+_NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+
+
+def make_ca(directory: Path, name: str = "test-ca") -> tuple[Path, Path]:
+    """Make a CA valid for 2 days in ``directory``; return its certificate and key (``name``.crt, ``name``.key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl(
+        directory, "req", "-x509", *_NEW_EC_KEY, "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout", key, "-out", cert,
+    )  # fmt: skip
+    return cert, key
+
+
+def make_server_tls(directory: Path, names: str = "IP:127.0.0.1,DNS:localhost") -> TlsFiles:
+    """Make a CA and a server certificate it signs for ``names`` (a subjectAltName value), for serverAuth.
+
+    NOTE: clients that verify the name (sslmode=verify-full, ssl_check_hostname)
+    match an address against an IP entry, never against the CN: hence the IP SAN.
+    """
+    ca_cert, ca_key = make_ca(directory)
+    key, request, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    _openssl(directory, "req", "-new", *_NEW_EC_KEY, "-subj", "/CN=localhost", "-keyout", key, "-out", request)
+    extensions = directory / "server.ext"
+    extensions.write_text(
+        f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    )
+    _openssl(
+        directory, "x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+        "-extfile", extensions, "-out", cert,
+    )  # fmt: skip
+    return TlsFiles(ca_cert, cert, key)
+
+
+class RedisServer:
+    """A redis-server process owned by a test.
+
+    With ``tls``, it speaks only TLS on ``port`` (``port 0``, ``tls-port``), as the
+    redis role configures it; ``config`` lines (ACL ``user`` lines, say) go into a
+    redis.conf it reads first.
+    """
+
+    def __init__(self, directory: Path, *, tls: TlsFiles | None = None, config: Sequence[str] = ()) -> None:
         self._binary = require_tool("redis-server", "redis-server")
         self.directory = directory
         self.port = free_port()
+        self.tls = tls
+        self.config = list(config)
         self._process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _config_file(self) -> list[str]:
+        """Write redis.conf with the TLS and extra lines; return the arguments naming it (none without any)."""
+        lines = list(self.config)
+        if self.tls is not None:
+            # The redis role's TLS lines (ansible/roles/redis/vars/main.yml, _redis_tls_settings).
+            lines += [
+                f"tls-port {self.port}",
+                f'tls-cert-file "{self.tls.cert}"',
+                f'tls-key-file "{self.tls.key}"',
+                f'tls-ca-cert-file "{self.tls.ca_cert}"',
+                "tls-auth-clients no",
+                'tls-protocols "TLSv1.2 TLSv1.3"',
+            ]
+        if not lines:
+            return []
+        config = self.directory / "redis.conf"
+        config.write_text("\n".join(lines) + "\n")
+        return [str(config)]
+
     def start(self) -> None:
         log = (self.directory / "redis.log").open("ab")
         self._process = subprocess.Popen(
             [
                 self._binary,
-                "--port", str(self.port),
+                *self._config_file(),  # NOTE: first: the options below override what it says
+                "--port", "0" if self.tls else str(self.port),  # TLS only: no plain-TCP port
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -163,6 +247,32 @@ class PostgresServer:
             "start",
         )  # fmt: skip
         wait_for_port(self.port)
+
+    def enable_tls(self, tls: TlsFiles, hba: Sequence[str]) -> None:
+        """Serve ``tls`` (TLS 1.2 or newer) with ``hba`` as the whole pg_hba.conf, as the postgresql role does; restart.
+
+        NOTE: PostgreSQL refuses a key file that others may read or that the
+        server's user does not own: the certificate and key are copied into the
+        cluster's directory, owned by that user (postgres when the tests run as
+        root), the key 0600. A restart, not ``pg_ctl reload``: reload only
+        signals, so a connection right after it might still meet the old settings.
+        """
+        owner = self.directory.stat()
+        for source, name, mode in ((tls.cert, "server.crt", 0o644), (tls.key, "server.key", 0o600)):
+            target = self.directory / name
+            shutil.copyfile(source, target)
+            os.chmod(target, mode)
+            os.chown(target, owner.st_uid, owner.st_gid)
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "ssl = on\n"
+                f"ssl_cert_file = '{self.directory / 'server.crt'}'\n"
+                f"ssl_key_file = '{self.directory / 'server.key'}'\n"
+                "ssl_min_protocol_version = 'TLSv1.2'\n"
+            )
+        (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")  # NOTE: the file exists: its owner stays
+        self.stop("fast")
+        self.start()
 
     def postmaster_pid(self) -> int:
         """Return the pid of the running postmaster (first line of postmaster.pid)."""

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 from test_ansible import REPO_ROOT, TEST_SECRETS, _read_env_file, _recap, _run, _tool, _yaml, _yaml_list
 
 from falcon_svc.settings import Settings
 
 ROLES_DIR = REPO_ROOT / "ansible" / "roles"
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "single-host"
-RENDERED_ROLES = ("nginx", "prometheus", "falcon_svc", "postgresql", "exporters", "node_exporter")
+RENDERED_ROLES = ("nginx", "prometheus", "falcon_svc", "postgresql", "exporters", "node_exporter", "redis")
 # The roles' file-writing tasks this harness runs, by role and task file: task name -> the
 # file it writes in the host's directory (its dest or path replaced by that).
 RENDER_TASKS = {
@@ -91,6 +93,15 @@ FLEET_VARS: dict[str, Any] = {
 }
 
 
+# TLS to the data host (docs/SCALING.md): controller paths; rendering the files reads none of them.
+TLS_VARS: dict[str, Any] = {
+    "postgresql_tls_cert_src": "/srv/tls/data.crt",
+    "postgresql_tls_key_src": "/srv/tls/data.key",
+    "falcon_svc_db_tls_ca_src": "/srv/tls/ca.crt",
+    "falcon_svc_redis_tls_ca_src": "/srv/tls/ca.crt",
+}
+
+
 def _role_vars(root: Path) -> dict[str, Any]:
     """The roles' defaults and vars, as the play sees them (host vars win over these)."""
     merged: dict[str, Any] = {}
@@ -149,7 +160,15 @@ def render(root: Path, out: Path, hosts: dict[str, dict[str, Any]]) -> dict[str,
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This checkout's roles rendered for a single host (role defaults) and for app1 of the fleet."""
     out = tmp_path_factory.mktemp("fleet-render")
-    render(REPO_ROOT, out, {"single": {**TEST_SECRETS}, "fleet": {**TEST_SECRETS, **FLEET_VARS}})
+    render(
+        REPO_ROOT,
+        out,
+        {
+            "single": {**TEST_SECRETS},
+            "fleet": {**TEST_SECRETS, **FLEET_VARS},
+            "fleet_tls": {**TEST_SECRETS, **FLEET_VARS, **TLS_VARS},
+        },
+    )
     return out
 
 
@@ -219,6 +238,28 @@ def test_fleet_data_host_listens_privately_and_admits_the_app_hosts_with_scram(r
     assert max(ours_lines) < min(package_lines), "pg_hba.conf is read top down: ours must come before the package's"
 
 
+def test_fleet_with_certificates_connects_over_verified_tls_only(rendered: Path) -> None:
+    """Given the CA, the workers verify the data host's certificate and name; its pg_hba wants TLS from off-host."""
+    env = _read_env_file(rendered / "fleet_tls" / "falcon-svc.env")
+    settings = Settings.from_env(env)  # parses as a worker would
+    redis_kwargs = redis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+    assert settings.redis_url.startswith(f"rediss://falcon:{TEST_SECRETS['falcon_svc_redis_password']}@{DATA}:6379/0?")
+    assert redis_kwargs["ssl_ca_certs"] == "/etc/falcon-svc/tls/redis-ca.crt"
+    assert redis_kwargs["ssl_check_hostname"] is True
+    database = conninfo_to_dict(settings.database_url)
+    assert (database["host"], database["sslmode"], database["sslrootcert"]) == (
+        DATA,
+        "verify-full",
+        "/etc/falcon-svc/tls/postgresql-ca.crt",
+    )
+    # Without the CA, plain TCP as before (the fleet render above).
+    plain = _read_env_file(rendered / "fleet" / "falcon-svc.env")
+    assert plain["REDIS_URL"].startswith("redis://") and "sslmode" not in plain["DATABASE_URL"]
+    hba = [line.split() for line in (rendered / "fleet_tls" / "pg_hba.conf").read_text().splitlines()]
+    ours = {line[3]: line[0] for line in hba if len(line) > 3 and line[2] == "falcon_owner,falcon"}
+    assert ours == {"127.0.0.1/32": "host", "::1/128": "host", f"{APP1}/32": "hostssl", f"{APP2}/32": "hostssl"}
+
+
 def test_a_second_render_changes_nothing(rendered: Path, tmp_path: Path) -> None:
     """The fleet tasks are idempotent: rerun over the same files, nothing changes (changed=0)."""
     inventory, play = rendered / "inventory.yml", rendered / "play.yml"
@@ -276,7 +317,7 @@ def test_exporters_listen_on_loopback_or_this_hosts_private_address_only(tmp_pat
     _refused(tmp_path, ("exporters", "node_exporter"), LISTEN_CASES, {"exporters_redis_password": "r" * 20})
 
 
-# host -> (vars, whether the falcon_svc, prometheus and postgresql preflights must refuse them)
+# host -> (vars, whether the falcon_svc, prometheus, postgresql and redis preflights must refuse them)
 FLEET_INPUT_CASES = {
     "single_host_defaults": ({}, False),
     "fleet_values": ({key: value for key, value in FLEET_VARS.items() if not key.startswith("nginx_")}, False),
@@ -287,6 +328,35 @@ FLEET_INPUT_CASES = {
     "job_without_targets": ({"prometheus_job_targets": {"node": []}}, True),
     "listen_without_loopback": ({"postgresql_listen_addresses": DATA}, True),
     "hba_without_loopback": ({"postgresql_hba_networks": [f"{APP1}/32"]}, True),
+    # The TLS inputs (files that exist here stand in for the certificates).
+    "tls_complete": (
+        {
+            "postgresql_tls_cert_src": "/etc/hostname",
+            "postgresql_tls_key_src": "/etc/hostname",
+            "falcon_svc_db_tls_ca_src": "/etc/hostname",
+        },
+        False,
+    ),
+    "tls_certificate_without_key": ({"postgresql_tls_cert_src": "/etc/hostname"}, True),
+    "tls_ca_missing": ({"falcon_svc_redis_tls_ca_src": "/nonexistent/ca.crt"}, True),
+    "tls_ca_relative": ({"falcon_svc_db_tls_ca_src": "etc/hostname"}, True),
+    "redis_tls_complete": (
+        {
+            "redis_tls_cert_src": "/etc/hostname",
+            "redis_tls_key_src": "/etc/hostname",
+            "redis_tls_ca_src": "/etc/hostname",
+        },
+        False,
+    ),
+    "redis_tls_without_ca": ({"redis_tls_cert_src": "/etc/hostname", "redis_tls_key_src": "/etc/hostname"}, True),
+    "redis_tls_missing_key": (
+        {
+            "redis_tls_cert_src": "/etc/hostname",
+            "redis_tls_key_src": "/nonexistent",
+            "redis_tls_ca_src": "/etc/hostname",
+        },
+        True,
+    ),
 }
 
 
@@ -301,5 +371,7 @@ def test_fleet_inputs_are_checked_before_anything_changes(tmp_path: Path) -> Non
         "postgresql_owner_password": TEST_SECRETS["falcon_svc_db_owner_password"],
         "postgresql_writer_password": TEST_SECRETS["falcon_svc_db_writer_password"],
         "postgresql_source_dir": str(REPO_ROOT),
+        "redis_falcon_password": TEST_SECRETS["falcon_svc_redis_password"],
+        "redis_exporter_password": "e" * 20,
     }
-    _refused(tmp_path, ("falcon_svc", "prometheus", "postgresql"), FLEET_INPUT_CASES, common)
+    _refused(tmp_path, ("falcon_svc", "prometheus", "postgresql", "redis"), FLEET_INPUT_CASES, common)
