@@ -36,6 +36,10 @@ RENDER_TASKS = {
         "Write the drop-in that moves the worker units onto the private network": "10-fleet.conf",
         "Remove the private-network drop-in on a host whose units stay on loopback": "10-fleet.conf",
     },
+    ("falcon_svc", "retention.yml"): {
+        "Let the retention job reach a PostgreSQL on another host": "10-retention.conf",
+        "Remove that drop-in where PostgreSQL is on this host": "10-retention.conf",
+    },
     ("postgresql", "configure.yml"): {
         "Listen on the addresses of postgresql_listen_addresses": "10-falcon-listen.conf",
         "Remove the listen_addresses file when the package's default (localhost) stands": "10-falcon-listen.conf",
@@ -189,6 +193,12 @@ def test_single_host_gets_no_fleet_drop_in_and_no_listen_file(rendered: Path) ->
     assert not (rendered / "single" / "10-falcon-listen.conf").exists(), "a single host got listen_addresses"
 
 
+def test_retention_job_reaches_a_remote_postgresql_only_on_a_fleet(rendered: Path) -> None:
+    """The retention unit allows only localhost; a fleet's app host adds the data host, one host adds nothing."""
+    assert not (rendered / "single" / "10-retention.conf").exists()
+    assert f"IPAddressAllow={DATA}" in (rendered / "fleet" / "10-retention.conf").read_text().splitlines()
+
+
 def test_fleet_load_balancer_spreads_over_both_app_hosts(rendered: Path) -> None:
     site = (rendered / "fleet" / "falcon-svc.conf").read_text()
     servers = [line.split()[1] for line in site.splitlines() if line.strip().startswith("server ") and ":80" in line]
@@ -244,13 +254,13 @@ def test_fleet_with_certificates_connects_over_verified_tls_only(rendered: Path)
     settings = Settings.from_env(env)  # parses as a worker would
     redis_kwargs = redis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
     assert settings.redis_url.startswith(f"rediss://falcon:{TEST_SECRETS['falcon_svc_redis_password']}@{DATA}:6379/0?")
-    assert redis_kwargs["ssl_ca_certs"] == "/etc/falcon-svc/tls/redis-ca.crt"
+    assert redis_kwargs["ssl_ca_certs"] == "/etc/ssl/falcon-svc/redis-ca.crt"
     assert redis_kwargs["ssl_check_hostname"] is True
     database = conninfo_to_dict(settings.database_url)
     assert (database["host"], database["sslmode"], database["sslrootcert"]) == (
         DATA,
         "verify-full",
-        "/etc/falcon-svc/tls/postgresql-ca.crt",
+        "/etc/ssl/falcon-svc/postgresql-ca.crt",
     )
     # Without the CA, plain TCP as before (the fleet render above).
     plain = _read_env_file(rendered / "fleet" / "falcon-svc.env")
