@@ -1,8 +1,9 @@
 """TLS to Redis that trusts only the configured CA, with one SSL context per CA file.
 
 redis-py's ``SSLConnection`` builds a fresh ``ssl.create_default_context()`` for every
-connection: that loads the system's CA store (about 45 ms of CPU here, spent on the
-request path at each connect and reconnect) and trusts every public CA beside
+connection: that loads the system's CA store (26 ms of CPU here, `python -m timeit
+"ssl.create_default_context()"`, spent on the request path at each connect and
+reconnect) and trusts every public CA beside
 ``ssl_ca_certs``. A ``rediss://`` URL with ``ssl_ca_certs`` (what the Ansible role
 writes) means "the data host's certificate, signed by our CA": this connection class
 trusts that CA alone and builds its context once.
